@@ -1,0 +1,53 @@
+"""AbsTopK SAE (Zhu, Khalili & Zhu, ICLR 2026): hard thresholding by magnitude, signs kept.
+
+The prox of R = 1{||z||_0 <= k} without a non-negativity constraint: keep the k entries of largest
+|u| with their sign, no ReLU, so one latent can encode a feature and its opposite.
+- ``selection="token"`` (the paper's math): k per token.
+- ``selection="batch"`` (the official code's ``batchabsolutek``): the top k·B of |u| over the batch;
+  inference uses a global threshold on |u| (an EMA of the smallest selected |u|, as BatchTopK) —
+  our choice, since the official implementation could not be read.
+AuxK is signed: dead latents are ranked by |u| and keep their signs. Like the TopK family we
+pre-subtract b_dec (unverified for the official code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sae_kit.codes import SparseCodes
+from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.sae.base import SAE, TrainingOutput, batch_top_mask, register
+
+
+@dataclass
+class AbsTopKOptions:
+    selection: str = "token"
+    threshold_beta: float = 0.999
+
+
+@register
+class AbsTopKSAE(SAE):
+    architecture = "abstopk"
+    Options = AbsTopKOptions
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        if self.opts.selection not in ("token", "batch"):
+            raise ConfigError(f"abstopk selection must be 'token' or 'batch', got {self.opts.selection!r}")
+        self.register_threshold()
+
+    def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
+        magnitude = pre.abs()
+        if self.opts.selection == "token":
+            indices = magnitude.topk(min(self.cfg.k, self.cfg.d_sae), dim=1).indices
+            return SparseCodes(indices, pre.gather(1, indices), self.cfg.d_sae)
+        if not self.training:
+            return SparseCodes.from_mask(pre, magnitude > self.threshold)
+        mask = batch_top_mask(magnitude, self.cfg.k * pre.shape[0]) & (magnitude > 0)
+        if mask.any():
+            self.observe_threshold(magnitude.detach()[mask].min(), self.opts.threshold_beta)
+        return SparseCodes.from_mask(pre, mask)
+
+    def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
+        return self.dead_latent_loss(out, signed=True)

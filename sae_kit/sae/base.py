@@ -1,0 +1,391 @@
+"""The shared SAE base: weights, input normalisation, encode/decode, losses, decoder constraint, save/load.
+
+An architecture differs from another only in four things, and those are the whole of its file:
+its selection rule (``select``), its auxiliary losses (``auxiliary_losses``), its extra state
+(buffers registered in ``__init__``) and its defaults (``Options``, ``default_lr``...).
+
+Conventions (SAELens-compatible): activations are row vectors, ``W_enc`` is [d_in, d_sae],
+``W_dec`` is [d_sae, d_in] with unit-norm rows, and
+
+    x_n = normalize(x)                      (none / unit_norm / layer_norm, undone on decode)
+    u   = (x_n - b_dec) @ W_enc + b_enc     (b_dec pre-subtraction)
+    z   = select(u)                         (SparseCodes)
+    x̂   = denormalize(z @ W_dec + b_dec)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from sae_kit.codes import SparseCodes
+from sae_kit.config import ConfigError, SAEConfig, parse_options
+from sae_kit.kernels import sparse_decode
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+LAYER_NORM_EPS = 1e-5
+UNIT_NORM_EPS = 1e-8
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+@dataclass
+class Normalization:
+    """How one batch was normalised: ``x = x_n * scale + shift`` (both broadcast from [B, 1])."""
+
+    shift: torch.Tensor | float = 0.0
+    scale: torch.Tensor | float = 1.0
+
+    def undo(self, x_n: torch.Tensor) -> torch.Tensor:
+        return x_n * self.scale + self.shift
+
+
+@dataclass
+class TrainingOutput:
+    """What one training forward pass produced; the trainer and plugins read it."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]  # every loss term, already weighted, plus "reconstruction"
+    codes: SparseCodes
+    x_n: torch.Tensor  # the normalised input
+    x_hat_n: torch.Tensor  # the reconstruction in normalised space
+    pre_activations: torch.Tensor
+
+
+class SAE(nn.Module):
+    architecture: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    default_normalization: ClassVar[str] = "none"
+    # top-AFA and GBA keep b_enc out of the optimizer (a fixed zero / a bias adapted by a rule).
+    trains_encoder_bias: ClassVar[bool] = True
+    # Tensors written to the weights file for other tools but rebuilt from others on load.
+    derived_tensors: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        if cfg.architecture != self.architecture:
+            raise ConfigError(f"{type(self).__name__} needs architecture={self.architecture!r}, got {cfg.architecture!r}")
+        if cfg.normalize_activations is None:
+            cfg.normalize_activations = self.default_normalization
+        self.cfg = cfg
+        self.opts = parse_options(self.Options, cfg.options, f"architecture {self.architecture!r}")
+        self.dtype_ = getattr(torch, cfg.dtype)
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+
+        # Tied init (Gao et al.): unit-norm random decoder rows, encoder = decoder transposed.
+        W_dec = torch.randn(d_sae, d_in, dtype=torch.float32)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec.to(self.dtype_))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=self.dtype_))
+        self.init_encoder()
+        b_enc = torch.zeros(d_sae, dtype=self.dtype_)
+        if self.trains_encoder_bias:
+            self.b_enc = nn.Parameter(b_enc)
+        else:
+            self.register_buffer("b_enc", b_enc)
+        # Dead-latent tracking is counted in tokens, not steps, so it does not depend on batch size.
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
+
+    # ----------------------------------------------------------------- weights
+    def init_encoder(self) -> None:
+        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())
+
+    def encoder_weight(self) -> torch.Tensor:
+        return self.W_enc
+
+    def decoder_directions(self) -> torch.Tensor:
+        """Unit-norm feature directions [d_sae, d_in] (in normalised input space)."""
+        W = self.W_dec.detach().float()
+        return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @classmethod
+    def default_lr(cls, d_sae: int) -> float:
+        """Gao et al. / sparsify: 2e-4 / sqrt(d_sae / 2^14)."""
+        return 2e-4 / math.sqrt(d_sae / 2**14)
+
+    # ----------------------------------------------------------- normalisation
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Normalization]:
+        if x.dim() != 2 or x.shape[1] != self.cfg.d_in:
+            raise ValueError(f"expected activations of shape [batch, {self.cfg.d_in}], got {tuple(x.shape)}")
+        x = x.to(self.dtype_)
+        mode = self.cfg.normalize_activations
+        if mode == "none":
+            return x, Normalization()
+        if mode == "unit_norm":
+            scale = x.norm(dim=1, keepdim=True).clamp_min(UNIT_NORM_EPS)
+            return x / scale, Normalization(scale=scale)
+        mean = x.mean(dim=1, keepdim=True)
+        std = x.std(dim=1, keepdim=True, unbiased=False) + LAYER_NORM_EPS
+        return (x - mean) / std, Normalization(shift=mean, scale=std)
+
+    # ------------------------------------------------------------ forward path
+    def pre_activations(self, x_n: torch.Tensor) -> torch.Tensor:
+        return (x_n - self.b_dec) @ self.encoder_weight() + self.b_enc
+
+    def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
+        """The architecture's sparsifying rule over pre-activations [B, d_sae].
+
+        ``self.training`` picks the batch rule or the batch-independent inference rule; rules that
+        keep running statistics (thresholds, frequencies) update them only while training. ``x_n``
+        is the normalised input, for rules that look at it (top-AFA).
+        """
+        raise NotImplementedError
+
+    def decode_normalized(self, codes: SparseCodes) -> torch.Tensor:
+        return sparse_decode(codes.indices, codes.values, self.W_dec) + self.b_dec
+
+    def encode(self, x: torch.Tensor) -> SparseCodes:
+        x_n, _ = self.normalize(x)
+        return self.select(self.pre_activations(x_n), x_n)
+
+    def decode(self, codes: SparseCodes, norm: Normalization | None = None) -> torch.Tensor:
+        """Reconstruct in input space; pass the ``Normalization`` of the encoded batch to undo it."""
+        x_hat_n = self.decode_normalized(codes)
+        if norm is None:
+            if self.cfg.normalize_activations != "none":
+                raise ValueError(
+                    "this SAE normalises its inputs: pass the Normalization returned by normalize(), "
+                    "or call forward(x) to encode and decode in one go"
+                )
+            return x_hat_n
+        return norm.undo(x_hat_n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_n, norm = self.normalize(x)
+        codes = self.select(self.pre_activations(x_n), x_n)
+        return norm.undo(self.decode_normalized(codes))
+
+    # ------------------------------------------------------------------ losses
+    def training_forward(self, x: torch.Tensor, input_variance: float | torch.Tensor | None = None) -> TrainingOutput:
+        """One training pass: selection, reconstruction, every loss term, dead-latent bookkeeping.
+
+        The reconstruction loss is the normalised MSE ``mean_b ||x̂ - x||² / input_variance``, with
+        ``input_variance = E||x - E[x]||²`` measured once from the data (Gao et al.'s fixed scale);
+        without one the batch's own variance is used.
+        """
+        x_n, _ = self.normalize(x)
+        pre = self.pre_activations(x_n)
+        codes = self.select(pre, x_n)
+        x_hat_n = self.decode_normalized(codes)
+        if input_variance is None:
+            input_variance = (x_n - x_n.mean(0)).pow(2).sum(1).mean().detach()
+        recon = (x_hat_n - x_n).pow(2).sum(1).mean() / input_variance
+        out = TrainingOutput(recon, {"reconstruction": recon}, codes, x_n, x_hat_n, pre)
+        if self.training:
+            self.update_fire_stats(codes)
+        for name, term in self.auxiliary_losses(out, input_variance).items():
+            out.parts[name] = term
+            out.loss = out.loss + term
+        return out
+
+    def auxiliary_losses(self, out: TrainingOutput, input_variance: Any) -> dict[str, torch.Tensor]:
+        return {}
+
+    def dead_latent_loss(
+        self, out: TrainingOutput, signed: bool = False, weights: torch.Tensor | None = None, name: str = "auxk"
+    ) -> dict[str, torch.Tensor]:
+        """AuxK (Gao et al.): the dead latents' top-k_aux pre-activations model the residual.
+
+        ``weights`` [d_sae] >= 0 generalise the dead mask (aux_zipf_loss); ``signed`` ranks by |u|
+        and keeps signs (AbsTopK).
+        """
+        if not self.training:
+            return {}
+        if weights is None:
+            weights = self.dead_mask().to(out.pre_activations.dtype)
+        loss = auxiliary_reconstruction_loss(
+            out.pre_activations, out.x_n - out.x_hat_n, self.W_dec, weights, self.k_aux, signed
+        )
+        return {name: self.cfg.aux_coefficient * loss}
+
+    # ------------------------------------------------------- dead-latent stats
+    @torch.no_grad()
+    def update_fire_stats(self, codes: SparseCodes) -> None:
+        self.tokens_since_fired += codes.batch_size
+        self.tokens_since_fired[codes.fired()] = 0
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens_threshold
+
+    @property
+    def k_aux(self) -> int:
+        return self.cfg.k_aux or max(self.cfg.d_in // 2, 1)
+
+    # ------------------------------------------------------ inference threshold
+    def register_threshold(self) -> None:
+        """For batch-level rules: an inference threshold [d_sae] (SAELens' JumpReLU key).
+
+        It is a bias-corrected EMA of the batch rule's cut-off, so it tracks the batch rule from the
+        first step on; ``threshold_weight`` holds the EMA's accumulated weight.
+        """
+        self.register_buffer("threshold", torch.zeros(self.cfg.d_sae, dtype=self.dtype_))
+        self.register_buffer("threshold_weight", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def observe_threshold(self, observed: torch.Tensor, beta: float) -> None:
+        update_ema(self.threshold, self.threshold_weight, observed, beta)
+
+    # ----------------------------------------------------------- training hooks
+    @torch.no_grad()
+    def init_from_data(self, sample: torch.Tensor) -> None:
+        """b_dec = geometric median of a data sample (Gao et al.), in normalised space."""
+        x_n, _ = self.normalize(sample)
+        self.b_dec.copy_(geometric_median(x_n.float()).to(self.dtype_))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each decoder row (keeps the step on the sphere)."""
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        directions = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        grad -= (grad * directions).sum(dim=1, keepdim=True) * directions
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # -------------------------------------------------------------- save/load
+    def config_dict(self) -> dict[str, Any]:
+        """cfg.json: SAELens' top-level keys plus our own settings under ``sae_kit``."""
+        cfg = self.cfg
+        return {
+            "d_in": cfg.d_in,
+            "d_sae": cfg.d_sae,
+            "architecture": cfg.architecture,
+            "k": cfg.k,
+            "normalize_activations": cfg.normalize_activations,
+            "apply_b_dec_to_input": True,
+            "dtype": cfg.dtype,
+            "device": "cpu",
+            "metadata": dict(cfg.metadata),
+            "sae_kit": {
+                "format_version": 1,
+                "dead_tokens_threshold": cfg.dead_tokens_threshold,
+                "aux_coefficient": cfg.aux_coefficient,
+                "k_aux": cfg.k_aux,
+                "options": asdict(self.opts),
+            },
+        }
+
+    def tensors_to_save(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write cfg.json and sae_weights.safetensors; each file appears whole or not at all."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.cpu() for name, t in self.tensors_to_save().items()}
+        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        text = json.dumps(self.config_dict(), indent=2, sort_keys=True)
+        atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(text))
+        return directory
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
+        tensors = {k: v for k, v in tensors.items() if k not in self.derived_tensors}
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{source} does not match a {self.architecture} SAE: missing {missing}, unexpected {unexpected}")
+        for name, tensor in tensors.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+                )
+        self.load_state_dict(tensors)
+
+
+ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+def register(cls: type[SAE]) -> type[SAE]:
+    ARCHITECTURES[cls.architecture] = cls
+    return cls
+
+
+def auxiliary_reconstruction_loss(
+    pre: torch.Tensor,
+    residual: torch.Tensor,
+    W_dec: torch.Tensor,
+    weights: torch.Tensor,
+    k_aux: int,
+    signed: bool = False,
+) -> torch.Tensor:
+    """Reconstruct the detached residual from the top-``k_aux`` candidate latents (weight > 0).
+
+    Candidates are ranked by ``weight * u`` (``weight * |u|`` when signed); their raw pre-activations
+    (ReLU'd unless signed) are decoded without b_dec. The MSE is normalised by the residual's batch
+    variance (OpenAI's normalized_mse) and a NaN becomes 0, as in Gao et al. Gradients reach the
+    encoder through the gathered pre-activations.
+    """
+    candidates = weights > 0
+    n_candidates = int(candidates.sum().item())
+    if n_candidates == 0:
+        return pre.new_zeros(())
+    score = (pre.abs() if signed else pre) * weights
+    score = score.masked_fill(~candidates, float("-inf"))
+    indices = score.topk(min(k_aux, n_candidates), dim=1).indices
+    values = pre.gather(1, indices)
+    if not signed:
+        values = values.relu()
+    target = residual.detach()
+    estimate = sparse_decode(indices, values, W_dec)
+    baseline = (target - target.mean(0)).pow(2).sum(1).mean()
+    loss = (estimate - target).pow(2).sum(1).mean() / baseline
+    return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+
+
+def batch_top_mask(score: torch.Tensor, total: int) -> torch.Tensor:
+    """Boolean mask of the ``total`` largest entries of a [B, F] matrix (BatchTopK's rule)."""
+    flat = score.flatten()
+    total = min(total, flat.numel())
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[flat.topk(total).indices] = True
+    return mask.view_as(score)
+
+
+def update_ema(current: torch.Tensor, weight: torch.Tensor, observed: torch.Tensor, beta: float) -> None:
+    """In-place bias-corrected EMA: ``current`` holds the corrected mean, ``weight`` the EMA of ones."""
+    new_weight = beta * weight + (1 - beta)
+    current.copy_((beta * weight * current + (1 - beta) * observed) / new_weight)
+    weight.copy_(new_weight)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, then rename over the target."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld's algorithm, starting from the mean (as dictionary_learning does)."""
+    median = points.mean(dim=0)
+    for _ in range(max_iter):
+        previous = median
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+        if (median - previous).norm() < tol * max(previous.norm().item(), 1.0):
+            break
+    return median

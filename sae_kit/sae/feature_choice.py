@@ -1,0 +1,60 @@
+"""Feature Choice SAE (Ayonrinde 2024): each latent picks the tokens it fires on.
+
+Training: latent j keeps its m_j largest positive activations over the batch's tokens (a token may
+get any number of latents, including none). Capacities:
+- ``uniform``: m = max(1, round(k·B / d_sae)), so the budget is k·B up to rounding;
+- ``zipf``: m_j = k·B · ρ̂(rank_j) with the Zipf profile of zipf.py and ranks from the EMA densities
+  (clipped to [1, B]); before any density is known ranks follow latent order.
+Inference [unverified in the paper; our choice]: per-latent thresholds θ_j, a bias-corrected EMA of
+the m_j-th largest activation per batch, applied JumpReLU-style: z_j = a_j·1[a_j > θ_j].
+Auxiliary loss: aux_zipf_loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sae_kit.codes import SparseCodes
+from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.sae.base import SAE, register
+from sae_kit.sae.zipf import ZipfAuxMixin, ZipfOptions, density_ranks, zipf_profile
+
+
+@dataclass
+class FeatureChoiceOptions(ZipfOptions):
+    capacity: str = "uniform"
+
+
+@register
+class FeatureChoiceSAE(ZipfAuxMixin, SAE):
+    architecture = "feature_choice"
+    Options = FeatureChoiceOptions
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        if self.opts.capacity not in ("uniform", "zipf"):
+            raise ConfigError(f"feature_choice capacity must be 'uniform' or 'zipf', got {self.opts.capacity!r}")
+        self.register_threshold()
+
+    def capacities(self, batch_size: int) -> torch.Tensor:
+        budget = self.cfg.k * batch_size
+        if self.opts.capacity == "uniform":
+            return torch.full((self.cfg.d_sae,), max(1, round(budget / self.cfg.d_sae)), dtype=torch.int64)
+        profile = zipf_profile(self.cfg.d_sae, self.opts.zipf_alpha, self.opts.zipf_beta)
+        per_rank = (profile * budget).round().clamp(1, batch_size).to(torch.int64)
+        return per_rank[density_ranks(self.feature_density.cpu())]
+
+    def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
+        acts = pre.relu()
+        if not self.training:
+            return SparseCodes.from_mask(acts, acts > self.threshold)
+        capacity = self.capacities(pre.shape[0]).to(pre.device)
+        depth = int(capacity.max().item())
+        top_values, top_tokens = acts.topk(min(depth, pre.shape[0]), dim=0)  # [depth, d_sae]
+        rank = torch.arange(top_values.shape[0], device=pre.device)[:, None]
+        keep = (rank < capacity[None, :]) & (top_values > 0)
+        mask = torch.zeros_like(acts, dtype=torch.bool).scatter_(0, top_tokens, keep)
+        cutoff_row = (capacity.clamp(max=top_values.shape[0]) - 1)[None, :]
+        self.observe_threshold(top_values.detach().gather(0, cutoff_row).squeeze(0).clamp_min(0), self.opts.threshold_beta)
+        return SparseCodes.from_mask(acts, mask)

@@ -1,0 +1,23 @@
+"""TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+Selection: the k largest pre-activations of each token, ReLU'd after selection (OpenAI's order:
+a token with fewer than k positive pre-activations keeps fewer than k active latents).
+"""
+from __future__ import annotations
+
+import torch
+
+from sae_kit.codes import SparseCodes
+from sae_kit.sae.base import SAE, TrainingOutput, register
+
+
+@register
+class TopKSAE(SAE):
+    architecture = "topk"
+
+    def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
+        values, indices = pre.topk(min(self.cfg.k, self.cfg.d_sae), dim=1)
+        return SparseCodes(indices, values.relu(), self.cfg.d_sae)
+
+    def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
+        return self.dead_latent_loss(out)

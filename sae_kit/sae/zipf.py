@@ -1,0 +1,74 @@
+"""aux_zipf_loss (Ayonrinde 2024), shared by Feature Choice and Mutual Choice.
+
+The paper says aux_zipf_loss "generalises aux_k_loss to mitigate dead and underutilised features",
+motivated by feature densities that follow a Zipf law except at the low-density tail. The exact
+formula is not public; this is our reconstruction (documented as an engine approximation):
+
+1. Keep bias-corrected EMA densities ρ_j (fraction of tokens on which latent j fires).
+2. Target: a Zipf profile over density ranks, ρ̂(r) ∝ 1/(r + 1 + β)^α, scaled so Σρ̂ = Σρ.
+3. Under-utilisation weight w_j = clamp(1 − ρ_j / ρ̂(rank_j), 0, 1); dead latents get w_j = 1.
+4. AuxK with those weights: the top-k_aux latents by w·u model the detached residual (no b_dec),
+   normalised by the residual's variance, times ``aux_coefficient`` (1/32 as for AuxK).
+With w = 1[dead] this is exactly AuxK. The same profile sets Feature Choice's Zipf capacities.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sae_kit.codes import SparseCodes
+from sae_kit.config import SAEConfig
+from sae_kit.sae.base import TrainingOutput, update_ema
+
+
+@dataclass
+class ZipfOptions:
+    zipf_alpha: float = 1.0
+    zipf_beta: float = 0.0
+    density_beta: float = 0.99
+    threshold_beta: float = 0.999
+
+
+def zipf_profile(n: int, alpha: float, beta: float) -> torch.Tensor:
+    """Probabilities over ranks 0..n-1 proportional to 1 / (rank + 1 + beta)^alpha (float64)."""
+    ranks = torch.arange(n, dtype=torch.float64)
+    weights = (ranks + 1 + beta).pow(-alpha)
+    return weights / weights.sum()
+
+
+def density_ranks(density: torch.Tensor) -> torch.Tensor:
+    """Rank of each latent by density, 0 = densest; ties broken by index (stable)."""
+    order = torch.sort(density, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks
+
+
+class ZipfAuxMixin:
+    """Adds EMA feature densities and the aux_zipf_loss to an SAE (list it before the SAE base)."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("feature_density", torch.zeros(cfg.d_sae, dtype=torch.float32))
+        self.register_buffer("density_weight", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update_fire_stats(self, codes: SparseCodes) -> None:
+        super().update_fire_stats(codes)
+        batch_density = codes.fire_counts().to(torch.float32) / codes.batch_size
+        update_ema(self.feature_density, self.density_weight, batch_density, self.opts.density_beta)
+
+    @torch.no_grad()
+    def underutilisation_weights(self) -> torch.Tensor:
+        density = self.feature_density.double()
+        profile = zipf_profile(density.numel(), self.opts.zipf_alpha, self.opts.zipf_beta).to(density.device)
+        target = profile[density_ranks(density)] * density.sum()
+        weights = (1 - density / target.clamp_min(1e-30)).clamp(0, 1)
+        weights[self.dead_mask()] = 1.0
+        return weights.to(self.dtype_)
+
+    def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
+        if not self.training:
+            return {}
+        return self.dead_latent_loss(out, weights=self.underutilisation_weights(), name="aux_zipf")
