@@ -1,0 +1,201 @@
+"""The ``sae-kit`` command line: thin over the library, one sub-command per task."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sae_kit.config import ConfigError, load_config_file, parse_key_values
+
+# Flags that map one-to-one onto TrainConfig fields (dest name = field name).
+TRAIN_FLAGS = {
+    "activations": dict(help="activation store folder (from `sae-kit harvest` or `sae-kit store synth`)"),
+    "out": dict(help="run folder (checkpoints, metrics, report, final SAE)"),
+    "architecture": dict(flags=("--arch", "--architecture"), help="SAE architecture"),
+    "k": dict(type=int, help="active latents per token (TopK family; budget k·B for batch-level rules)"),
+    "expansion": dict(type=int, help="d_sae = expansion × d_in"),
+    "d_sae": dict(type=int, help="number of latents (overrides --expansion)"),
+    "normalize_activations": dict(flags=("--normalize",), choices=("none", "unit_norm", "layer_norm"),
+                                  help="input normalisation (default: the architecture's)"),
+    "lr": dict(type=float, help="Adam learning rate (default: the architecture's, 2e-4/sqrt(d_sae/2^14) for TopK)"),
+    "batch_size": dict(type=int, help="tokens per step"),
+    "tokens": dict(type=int, help="training tokens in total"),
+    "warmup_steps": dict(type=int, help="linear learning-rate warm-up steps"),
+    "decay_fraction": dict(type=float, help="final fraction of steps with linear decay to 0"),
+    "grad_clip": dict(type=float, help="gradient-norm clip (0 disables)"),
+    "dead_tokens_threshold": dict(type=int, help="a latent is dead after this many tokens without firing"),
+    "aux_coefficient": dict(type=float, help="weight of the dead-latent auxiliary loss"),
+    "k_aux": dict(type=int, help="latents in the auxiliary loss (default d_in/2)"),
+    "heldout_fraction": dict(type=float, help="fraction of the store held out for evaluation"),
+    "eval_every": dict(type=int, help="held-out evaluation every N steps"),
+    "eval_tokens": dict(type=int, help="held-out tokens per evaluation"),
+    "log_every": dict(type=int, help="training metrics every N steps"),
+    "checkpoint_every": dict(type=int, help="checkpoint every N steps"),
+    "seed": dict(type=int, help="random seed (initialisation and data order)"),
+    "threads": dict(type=int, help="torch CPU threads"),
+}
+
+
+def add_train_parser(sub) -> None:
+    from sae_kit.sae import ARCHITECTURES
+
+    p = sub.add_parser("train", help="train an SAE on cached activations",
+                       description="Train an SAE. Settings come from --config (YAML/JSON), then flags override them.")
+    p.add_argument("--config", help="YAML or JSON file with TrainConfig settings")
+    for dest, spec in TRAIN_FLAGS.items():
+        spec = dict(spec)
+        flags = spec.pop("flags", (f"--{dest.replace('_', '-')}",))
+        if dest == "architecture":
+            spec["choices"] = sorted(ARCHITECTURES)
+        p.add_argument(*flags, dest=dest, default=None, **spec)
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="architecture option, repeatable (e.g. --opt selection=batch for abstopk)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def train_config_from_args(args) -> "TrainConfig":
+    from sae_kit.train.trainer import TrainConfig
+
+    settings = load_config_file(args.config) if args.config else {}
+    for dest in TRAIN_FLAGS:
+        value = getattr(args, dest)
+        if value is not None:
+            settings[dest] = value
+    if args.opt:
+        settings["options"] = {**settings.get("options", {}), **parse_key_values(args.opt)}
+    if settings.get("grad_clip") == 0:
+        settings["grad_clip"] = None
+    if args.no_progress:
+        settings["progress"] = False
+    return TrainConfig.from_dict(settings)
+
+
+def cmd_train(args) -> int:
+    from sae_kit.train.trainer import TrainConfig, train
+
+    if args.resume and not args.config and (Path(args.out or TrainConfig.out) / "config.json").is_file():
+        # A resumed run keeps its original settings; flags given now still override them.
+        args.config = str(Path(args.out or TrainConfig.out) / "config.json")
+    cfg = train_config_from_args(args)
+    sae = train(cfg, resume=args.resume)
+    out = Path(cfg.out)
+    metrics = json.loads((out / "sae" / "eval.json").read_text())
+    print(f"trained {sae.cfg.architecture} SAE ({sae.cfg.d_in} -> {sae.cfg.d_sae}) saved to {out / 'sae'}")
+    print_metrics(metrics)
+    print(f"curves: {out / 'report.html'}")
+    return 0
+
+
+def print_metrics(metrics: dict) -> None:
+    for key in ("n_tokens", "fvu", "nmse_mean_token", "l0_mean", "dead_fraction", "dense_fraction", "eps_lbo_mean"):
+        if key in metrics:
+            value = metrics[key]
+            print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} {value}")
+
+
+def cmd_eval(args) -> int:
+    from sae_kit.eval.evaluate import evaluate_sae
+    from sae_kit.sae import load_sae
+    from sae_kit.store import ActivationStore
+
+    sae = load_sae(args.sae)
+    store = ActivationStore(args.activations)
+    if store.d_in != sae.cfg.d_in:
+        raise ConfigError(f"the store has d_in={store.d_in} but the SAE expects {sae.cfg.d_in}")
+    metrics = evaluate_sae(sae, store, max_tokens=args.tokens, batch_size=args.batch_size,
+                           split=args.split, heldout_fraction=args.heldout_fraction)
+    print_metrics(metrics)
+    target = Path(args.json) if args.json else Path(args.sae) / "eval.json"
+    target.write_text(json.dumps(metrics, indent=2))
+    print(f"written to {target}")
+    return 0
+
+
+def cmd_store_synth(args) -> int:
+    from sae_kit.eval.synthetic import make_dataset, write_synthetic_store
+
+    overrides = {key: value for key, value in (("d", args.d_in), ("n_features", args.features)) if value is not None}
+    dataset = make_dataset(args.dataset, seed=args.seed, **overrides)
+    store = write_synthetic_store(args.out, dataset, tokens=args.tokens, seed=args.seed, dtype=args.dtype)
+    print(f"wrote {store.n_tokens} tokens of d_in={store.d_in} ({args.dataset}) to {args.out}")
+    return 0
+
+
+def cmd_bench_synthetic(args) -> int:
+    from sae_kit.eval.bench import format_table, run_synthetic_benchmark
+
+    rows = run_synthetic_benchmark(datasets=args.dataset, architectures=args.arch, seed=args.seed,
+                                   steps_scale=args.steps_scale, progress=not args.no_progress)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"written to {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sae_kit.eval.synthetic import DATASET_NAMES
+    from sae_kit.sae import ARCHITECTURES
+
+    parser = argparse.ArgumentParser(prog="sae-kit", description="Sparse-autoencoder toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+
+    p = sub.add_parser("eval", help="evaluate an SAE on an activation store's held-out split")
+    p.add_argument("sae", help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--activations", required=True, help="activation store folder")
+    p.add_argument("--tokens", type=int, default=262_144, help="tokens to evaluate")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--split", default="heldout", choices=("heldout", "train", "all"))
+    p.add_argument("--heldout-fraction", type=float, default=None)
+    p.add_argument("--json", help="where to write the metrics (default: SAE_FOLDER/eval.json)")
+
+    store = sub.add_parser("store", help="activation-store utilities").add_subparsers(dest="store_command", required=True)
+    p = store.add_parser("synth", help="write a store of planted-feature activations")
+    p.add_argument("--dataset", default="sharkey", choices=DATASET_NAMES)
+    p.add_argument("--tokens", type=int, required=True)
+    p.add_argument("--d-in", type=int, default=None, help="activation width (default: the dataset's)")
+    p.add_argument("--features", type=int, default=None, help="number of planted features")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("synthetic", help="planted-feature recovery of every architecture")
+    p.add_argument("--dataset", nargs="+", default=["all"], choices=("all", *DATASET_NAMES))
+    p.add_argument("--arch", nargs="+", default=["all"], choices=("all", *sorted(ARCHITECTURES)))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's step count")
+    p.add_argument("--json", help="write the table's rows as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+COMMANDS = {
+    ("train",): cmd_train,
+    ("eval",): cmd_eval,
+    ("store", "synth"): cmd_store_synth,
+    ("bench", "synthetic"): cmd_bench_synthetic,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    key = tuple(v for v in (args.command, getattr(args, "store_command", None), getattr(args, "bench_command", None)) if v)
+    try:
+        return COMMANDS[key](args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"sae-kit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:  # TrainingDiverged and friends
+        print(f"sae-kit {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
