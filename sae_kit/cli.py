@@ -104,8 +104,9 @@ def cmd_eval(args) -> int:
     store = ActivationStore(args.activations)
     if store.d_in != sae.cfg.d_in:
         raise ConfigError(f"the store has d_in={store.d_in} but the SAE expects {sae.cfg.d_in}")
+    heldout_fraction = args.heldout_fraction or sae.cfg.metadata.get("heldout_fraction", 0.05)
     metrics = evaluate_sae(sae, store, max_tokens=args.tokens, batch_size=args.batch_size,
-                           split=args.split, heldout_fraction=args.heldout_fraction)
+                           split=args.split, heldout_fraction=heldout_fraction)
     print_metrics(metrics)
     target = Path(args.json) if args.json else Path(args.sae) / "eval.json"
     target.write_text(json.dumps(metrics, indent=2))
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=262_144, help="tokens to evaluate")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--split", default="heldout", choices=("heldout", "train", "all"))
-    p.add_argument("--heldout-fraction", type=float, default=None)
+    p.add_argument("--heldout-fraction", type=float, default=None,
+                   help="held-out share of the store (default: the one the SAE was trained with)")
     p.add_argument("--json", help="where to write the metrics (default: SAE_FOLDER/eval.json)")
 
     store = sub.add_parser("store", help="activation-store utilities").add_subparsers(dest="store_command", required=True)

@@ -792,6 +792,9 @@ class ActivationStore:
             raise ValueError(f"cannot sample {n} rows from the {split!r} split of {len(rows)} rows")
         generator = torch.Generator().manual_seed(_epoch_seed(seed, -1))
         chosen = torch.empty(0, dtype=torch.int64)
+        if 2 * n > len(rows):
+            # Rejection sampling slows to a crawl as n nears the split size: permute instead.
+            chosen = torch.randperm(len(rows), generator=generator)[:n]
         while chosen.numel() < n:
             draws = torch.randint(len(rows), (2 * (n - chosen.numel()),), generator=generator)
             chosen = torch.unique(torch.cat([chosen, draws]))

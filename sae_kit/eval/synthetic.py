@@ -107,8 +107,9 @@ class FixedCountSparsity:
         # Ranking i.i.d. uniform keys gives a uniformly random order of the features in each row;
         # keeping the first s ranks is a uniform s-subset without replacement.
         keys = torch.rand(n, self.n_features, generator=generator, device=device)
-        ranks = keys.argsort(dim=1).argsort(dim=1)
-        return ranks < row_counts[:, None]
+        sorted_keys = keys.sort(dim=1).values
+        kth_key = sorted_keys.gather(1, (row_counts - 1).clamp_min(0)[:, None])
+        return (keys <= kth_key) & (row_counts[:, None] > 0)
 
     def expected_active(self) -> float:
         return sum(self.counts) / len(self.counts)

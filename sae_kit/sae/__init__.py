@@ -52,7 +52,12 @@ def load_sae(directory: str | Path) -> SAE:
         data = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{cfg_path} is not valid JSON: {exc}") from None
-    sae = create_sae(sae_config_from_dict(data))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg_path} must hold a JSON object of settings, got {type(data).__name__}")
+    try:
+        sae = create_sae(sae_config_from_dict(data))
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg_path}: {exc}") from None
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:

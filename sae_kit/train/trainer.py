@@ -76,10 +76,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"unknown architecture {self.architecture!r}; choose one of {sorted(ARCHITECTURES)}")
-        positive = ("k", "expansion", "batch_size", "tokens", "eval_every", "log_every", "checkpoint_every", "init_tokens")
+        positive = ("k", "expansion", "batch_size", "tokens", "eval_every", "eval_tokens", "log_every",
+                    "checkpoint_every", "init_tokens")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        # A negative clip norm would flip every gradient (clip_grad_norm_ scales by max_norm / norm).
+        if self.grad_clip is not None and not self.grad_clip >= 0:
+            raise ConfigError(f"grad_clip must be >= 0 (0 or None disables it), got {self.grad_clip!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads!r}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.decay_fraction <= 1:
@@ -160,8 +168,14 @@ class Trainer:
     def _start_fresh(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.sae: SAE = create_sae(cfg.sae_config(self.source.d_in, source_metadata(self.source)))
-        sample = self.source.sample(cfg.init_tokens, seed=cfg.seed, heldout_fraction=cfg.heldout_fraction).to(torch.float32)
+        # The held-out fraction travels with the SAE so `sae-kit eval` scores the same held-out rows.
+        metadata = {**source_metadata(self.source), "heldout_fraction": cfg.heldout_fraction}
+        self.sae: SAE = create_sae(cfg.sae_config(self.source.d_in, metadata))
+        n_init = cfg.init_tokens
+        if hasattr(self.source, "split"):  # a finite store: at most its whole training split
+            n_init = min(n_init, len(self.source.split(cfg.heldout_fraction).train))
+        sample = self.source.sample(n_init, seed=cfg.seed, heldout_fraction=cfg.heldout_fraction)
+        sample = sample.to(torch.float32)
         self.sae.init_from_data(sample)
         with torch.no_grad():
             x_n, _ = self.sae.normalize(sample)
@@ -222,9 +236,12 @@ class Trainer:
         out = self.sae.training_forward(x, self.input_variance)
         if not torch.isfinite(out.loss):
             where = find_checkpoint(self.run_dir)
+            saved = json.loads((where / "state.json").read_text())["step"] if where else None
+            # Steps are numbered from 1 as in metrics.jsonl: this update would have been step self.step + 1.
             raise TrainingDiverged(
-                f"the loss became {out.loss.item()} at step {self.step}; "
-                + (f"the last good checkpoint is {where} (resume with a lower --lr)" if where else "no checkpoint was written yet")
+                f"the loss became {out.loss.item()} at step {self.step + 1}; "
+                + (f"the last good checkpoint is {where} (step {saved}; resume with a lower --lr)" if where
+                   else "no checkpoint was written yet")
                 + "; check the activations for NaN/inf or lower the learning rate"
             )
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs sae-kit (first use only) and runs the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRITON_INTERPRET=1
+exec .venv/bin/python -m pytest -q "$@"
