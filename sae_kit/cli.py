@@ -11,6 +11,10 @@ from sae_kit.config import ConfigError, load_config_file, parse_key_values
 # Flags that map one-to-one onto TrainConfig fields (dest name = field name).
 TRAIN_FLAGS = {
     "activations": dict(help="activation store folder (from `sae-kit harvest` or `sae-kit store synth`)"),
+    "model": dict(help="train straight from this model's activations, without a cache (with --hook)"),
+    "hook": dict(help="hook name for --model, e.g. blocks.6.hook_resid_post"),
+    "dataset": dict(help="text dataset for --model: 'default', a local file/folder, or a hub name"),
+    "context": dict(type=int, help="tokens per context window for --model"),
     "out": dict(help="run folder (checkpoints, metrics, report, final SAE)"),
     "architecture": dict(flags=("--arch", "--architecture"), help="SAE architecture"),
     "k": dict(type=int, help="active latents per token (TopK family; budget k·B for batch-level rules)"),
@@ -96,21 +100,62 @@ def print_metrics(metrics: dict) -> None:
 
 
 def cmd_eval(args) -> int:
-    from sae_kit.eval.evaluate import evaluate_sae
     from sae_kit.sae import load_sae
-    from sae_kit.store import ActivationStore
 
+    if not args.activations and not args.model:
+        raise ConfigError("name what to evaluate on: --activations STORE and/or --model NAME")
     sae = load_sae(args.sae)
-    store = ActivationStore(args.activations)
-    if store.d_in != sae.cfg.d_in:
-        raise ConfigError(f"the store has d_in={store.d_in} but the SAE expects {sae.cfg.d_in}")
-    heldout_fraction = args.heldout_fraction or sae.cfg.metadata.get("heldout_fraction", 0.05)
-    metrics = evaluate_sae(sae, store, max_tokens=args.tokens, batch_size=args.batch_size,
-                           split=args.split, heldout_fraction=heldout_fraction)
-    print_metrics(metrics)
-    target = Path(args.json) if args.json else Path(args.sae) / "eval.json"
-    target.write_text(json.dumps(metrics, indent=2))
-    print(f"written to {target}")
+    if args.activations:
+        from sae_kit.eval.evaluate import evaluate_sae
+        from sae_kit.store import ActivationStore
+
+        store = ActivationStore(args.activations)
+        if store.d_in != sae.cfg.d_in:
+            raise ConfigError(f"the store has d_in={store.d_in} but the SAE expects {sae.cfg.d_in}")
+        heldout_fraction = args.heldout_fraction or sae.cfg.metadata.get("heldout_fraction", 0.05)
+        metrics = evaluate_sae(sae, store, max_tokens=args.tokens, batch_size=args.batch_size,
+                               split=args.split, heldout_fraction=heldout_fraction)
+        print_metrics(metrics)
+        target = Path(args.json) if args.json else Path(args.sae) / "eval.json"
+        target.write_text(json.dumps(metrics, indent=2))
+        print(f"written to {target}")
+    if args.model:
+        from sae_kit.eval.in_model import evaluate_in_model, write_in_model_eval
+        from sae_kit.models import load_model
+
+        context = args.context or sae.cfg.metadata.get("context_size") or 128
+        metrics = evaluate_in_model(sae, load_model(args.model), hook=args.hook, dataset=args.dataset,
+                                    context=context, max_tokens=args.text_tokens)
+        for key, value in metrics.items():
+            print(f"  {key:22s} {value:.4f}" if isinstance(value, float) else f"  {key:22s} {value}")
+        print(f"written to {write_in_model_eval(args.sae, metrics)}")
+    return 0
+
+
+def cmd_harvest(args) -> int:
+    import torch
+
+    from sae_kit.harvest import HarvestConfig, harvest
+
+    cfg = HarvestConfig(out=args.out, hooks=args.hook, model=args.model, dataset=args.dataset, split=args.split,
+                        column=args.column, tokens=args.tokens, context=args.context, batch_size=args.batch_size,
+                        prepend_bos=not args.no_bos, skip_bos=not args.keep_bos, dtype=args.dtype,
+                        shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress)
+    for hook, store in harvest(cfg).items():
+        print(f"{hook}: {store.n_tokens} rows of d_in={store.d_in} ({store.dtype}) in {store.directory}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from sae_kit.demo import DemoConfig, format_summary, run_demo
+
+    cfg = DemoConfig(out=args.out, model=args.model, layer=args.layer, dataset=args.dataset, tokens=args.tokens,
+                     context=args.context, expansion=args.expansion, k=args.k, batch_size=args.batch_size,
+                     epochs=args.epochs, eval_tokens=args.eval_tokens, threads=args.threads,
+                     progress=not args.no_progress)
+    summary = run_demo(cfg)
+    print(format_summary(summary))
+    print(f"everything is in {cfg.out} (summary.json, train/report.html)")
     return 0
 
 
@@ -144,15 +189,55 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
 
-    p = sub.add_parser("eval", help="evaluate an SAE on an activation store's held-out split")
+    p = sub.add_parser("eval", help="evaluate an SAE on held-out activations and/or inside its model")
     p.add_argument("sae", help="SAE folder (cfg.json + sae_weights.safetensors)")
-    p.add_argument("--activations", required=True, help="activation store folder")
+    p.add_argument("--activations", help="activation store folder (reconstruction metrics on its held-out split)")
     p.add_argument("--tokens", type=int, default=262_144, help="tokens to evaluate")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--split", default="heldout", choices=("heldout", "train", "all"))
     p.add_argument("--heldout-fraction", type=float, default=None,
                    help="held-out share of the store (default: the one the SAE was trained with)")
     p.add_argument("--json", help="where to write the metrics (default: SAE_FOLDER/eval.json)")
+    p.add_argument("--model", help="also evaluate inside this model: CE-loss recovered, KL, delta LM loss")
+    p.add_argument("--hook", help="hook to splice the SAE into (default: the SAE's hook_name)")
+    p.add_argument("--dataset", default="default", help="text for the in-model evaluation (its held-out split)")
+    p.add_argument("--context", type=int, default=None, help="context window (default: the SAE's context_size)")
+    p.add_argument("--text-tokens", type=int, default=8192, help="tokens of text for the in-model evaluation")
+
+    p = sub.add_parser("harvest", help="cache a model's activations at one or more hooks")
+    p.add_argument("--model", default="smollm2", help="smollm2 (embedded default), gpt2..., or a local HF model folder")
+    p.add_argument("--hook", action="append", required=True, help="transformer-lens hook name, repeatable")
+    p.add_argument("--dataset", default="default", help="'default' (bundled corpus), a local file/folder, or a hub name")
+    p.add_argument("--split", default="train")
+    p.add_argument("--column", default="text", help="text column of jsonl/parquet/hub datasets")
+    p.add_argument("--tokens", type=int, required=True, help="activation rows per hook")
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8, help="context windows per forward pass")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--shard-tokens", type=int, default=65_536)
+    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to each window")
+    p.add_argument("--keep-bos", action="store_true", help="keep the BOS position's activations")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="folder: one store per hook in OUT/<hook>/")
+
+    from sae_kit.demo import DemoConfig
+
+    d = DemoConfig()
+    p = sub.add_parser("demo", help="harvest -> train -> evaluate on the embedded defaults (SmolLM2, bundled corpus)")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--layer", type=int, default=None, help="block to harvest (default: the middle one)")
+    p.add_argument("--dataset", default=d.dataset)
+    p.add_argument("--tokens", type=int, default=d.tokens, help="activation rows to harvest")
+    p.add_argument("--context", type=int, default=d.context)
+    p.add_argument("--expansion", type=int, default=d.expansion)
+    p.add_argument("--k", type=int, default=d.k)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training passes over the harvested rows")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out text tokens for CE-loss recovered")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
 
     store = sub.add_parser("store", help="activation-store utilities").add_subparsers(dest="store_command", required=True)
     p = store.add_parser("synth", help="write a store of planted-feature activations")
@@ -178,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     ("train",): cmd_train,
     ("eval",): cmd_eval,
+    ("harvest",): cmd_harvest,
+    ("demo",): cmd_demo,
     ("store", "synth"): cmd_store_synth,
     ("bench", "synthetic"): cmd_bench_synthetic,
 }

@@ -45,6 +45,11 @@ class TrainConfig:
     """Every setting of a training run; the CLI flags and YAML/JSON config files fill the same fields."""
 
     activations: str | None = None
+    # Or train straight from a model, without a cache (harvest on the fly):
+    model: str | None = None
+    hook: str | None = None
+    dataset: str = "default"
+    context: int = 128
     out: str = "runs/sae"
     architecture: str = "topk"
     k: int = 32
@@ -289,14 +294,28 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def source_from_config(cfg: TrainConfig) -> BatchSource:
+    """An activation store (``activations``) or a model hook read on the fly (``model`` + ``hook``)."""
+    if cfg.activations and cfg.model:
+        raise ConfigError("give either --activations (a cached store) or --model/--hook (no cache), not both")
+    if cfg.model:
+        if not cfg.hook:
+            raise ConfigError("--model needs --hook (e.g. blocks.6.hook_resid_post)")
+        from sae_kit.harvest import ModelSource
+        from sae_kit.models import load_model
+
+        return ModelSource(load_model(cfg.model), cfg.hook, dataset=cfg.dataset, context=cfg.context)
+    if not cfg.activations:
+        raise ConfigError("no activations: pass --activations DIR (an activation store) or --model and --hook")
+    from sae_kit.store import ActivationStore
+
+    return ActivationStore(cfg.activations)
+
+
 def train(cfg: TrainConfig, source: BatchSource | None = None, resume: bool = False) -> SAE:
     """Train from a TrainConfig; without a source, ``cfg.activations`` names an activation store."""
     if source is None:
-        if not cfg.activations:
-            raise ConfigError("no activations: pass --activations DIR (an activation store) or a config that names one")
-        from sae_kit.store import ActivationStore
-
-        source = ActivationStore(cfg.activations)
+        source = source_from_config(cfg)
     if not math.isfinite(cfg.tokens):
         raise ConfigError("tokens must be finite")
     return Trainer(cfg, source, resume=resume).run()

@@ -1,0 +1,130 @@
+"""``sae-kit demo``: the main job on the embedded defaults, in one command and one folder.
+
+harvest SmolLM2's residual stream at a middle layer from the bundled corpus → train a TopK SAE
+(8× expansion, k = 32) → evaluate it on held-out activations (FVU, L0, dead %) and inside the model
+(CE-loss recovered, KL, Δ LM loss). Every stage resumes: re-running the command after an
+interruption continues the harvest and the training where they stopped and skips finished stages.
+
+Output folder: ``activations/<hook>/`` (the store), ``train/`` (the run: metrics, report.html,
+checkpoint, ``sae/``) and ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sae_kit.config import ConfigError
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    model: str = "smollm2"
+    layer: int | None = None  # None: the middle block
+    hook_point: str = "hook_resid_post"
+    dataset: str = "default"
+    tokens: int = 400_000  # harvested activation rows
+    context: int = 128
+    expansion: int = 8
+    k: int = 32
+    batch_size: int = 1024
+    epochs: int = 2  # passes of the trainer over the harvested rows
+    lr: float | None = None
+    eval_tokens: int = 8192  # tokens of held-out text for the in-model evaluation
+    threads: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "context", "expansion", "k", "batch_size", "epochs", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    import torch
+
+    from sae_kit.eval.in_model import evaluate_in_model, write_in_model_eval
+    from sae_kit.harvest import HarvestConfig, harvest, store_path
+    from sae_kit.models import load_model
+    from sae_kit.sae import load_sae
+    from sae_kit.train.checkpoint import find_checkpoint
+    from sae_kit.train.trainer import TrainConfig, train
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    model = load_model(cfg.model)
+    layer = model.n_layers // 2 if cfg.layer is None else cfg.layer
+    hook = f"blocks.{layer}.{cfg.hook_point}"
+    timings["load_model_s"] = time.perf_counter() - started
+
+    stage = time.perf_counter()
+    harvest_cfg = HarvestConfig(out=str(out / "activations"), hooks=[hook], model=cfg.model, dataset=cfg.dataset,
+                                tokens=cfg.tokens, context=cfg.context, progress=cfg.progress)
+    store = harvest(harvest_cfg, model)[hook]
+    timings["harvest_s"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    run_dir = out / "train"
+    train_cfg = TrainConfig(
+        activations=str(store_path(harvest_cfg.out, hook)), out=str(run_dir), architecture="topk", k=cfg.k,
+        expansion=cfg.expansion, lr=cfg.lr, batch_size=cfg.batch_size, tokens=cfg.epochs * store.n_tokens,
+        eval_every=max(1, cfg.epochs * store.n_tokens // cfg.batch_size // 4), eval_tokens=32_768,
+        checkpoint_every=50, seed=cfg.seed, progress=cfg.progress,
+    )
+    if (run_dir / "sae" / "eval.json").is_file():
+        sae = load_sae(run_dir / "sae")
+    else:
+        sae = train(train_cfg, resume=find_checkpoint(run_dir) is not None)
+    timings["train_s"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    reconstruction = json.loads((run_dir / "sae" / "eval.json").read_text())
+    in_model = evaluate_in_model(sae, model, hook=hook, dataset=cfg.dataset, context=cfg.context,
+                                 max_tokens=cfg.eval_tokens, progress=cfg.progress)
+    write_in_model_eval(run_dir / "sae", in_model)
+    timings["eval_s"] = time.perf_counter() - stage
+    timings["total_s"] = time.perf_counter() - started
+
+    summary = {
+        "model": model.name,
+        "hook": hook,
+        "harvested_tokens": store.n_tokens,
+        "sae": str(run_dir / "sae"),
+        "d_sae": sae.cfg.d_sae,
+        "k": sae.cfg.k,
+        "fvu": reconstruction["fvu"],
+        "l0_mean": reconstruction["l0_mean"],
+        "dead_fraction": reconstruction["dead_fraction"],
+        **{key: in_model[key] for key in ("ce_recovered_vs_zero", "ce_recovered_vs_mean", "delta_lm_loss", "kl_div",
+                                          "loss_clean", "loss_sae")},
+        "timings": timings,
+        "config": asdict(cfg),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    rows = [
+        ("model / hook", f"{summary['model']} / {summary['hook']}"),
+        ("harvested tokens", f"{summary['harvested_tokens']:,}"),
+        ("SAE", f"{summary['d_sae']} latents, k={summary['k']} -> {summary['sae']}"),
+        ("FVU (held-out)", f"{summary['fvu']:.4f}"),
+        ("L0", f"{summary['l0_mean']:.1f}"),
+        ("dead latents", f"{100 * summary['dead_fraction']:.2f}%"),
+        ("CE-loss recovered (zero abl.)", f"{100 * summary['ce_recovered_vs_zero']:.2f}%"),
+        ("CE-loss recovered (mean abl.)", f"{100 * summary['ce_recovered_vs_mean']:.2f}%"),
+        ("delta LM loss", f"{summary['delta_lm_loss']:.4f} nats (clean {summary['loss_clean']:.4f})"),
+        ("KL to clean", f"{summary['kl_div']:.4f}"),
+        ("wall time", ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in summary["timings"].items())),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)

@@ -1,0 +1,132 @@
+"""Evaluate an SAE inside its language model: CE-loss recovered, KL to the clean model, Δ LM loss.
+
+For each batch of held-out windows the model runs four times: clean; with the SAE's reconstruction
+spliced in at the hook; with the hook zero-ablated; with it mean-ablated. Then
+
+    CE recovered (vs zero) = (L_zero − L_sae) / (L_zero − L_clean)
+    CE recovered (vs mean) = (L_mean − L_sae) / (L_mean − L_clean)
+    Δ LM loss              = L_sae − L_clean
+    KL                     = mean over positions of KL(p_clean ‖ p_sae)
+
+Choices: positions skipped at harvest (BOS) are left untouched in every intervention, since the
+SAE never saw them and their outlier norms would dominate; the mean for mean-ablation is the mean of
+the hook's kept activations over all evaluated batches' clean passes so far (a running estimate,
+exact from the first batch on for that batch's tokens). Losses are next-token cross-entropies over
+every position but the last.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sae_kit.sae import SAE
+
+IN_MODEL_FILE = "eval_in_model.json"
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def kl_to_clean(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    clean = F.log_softmax(clean_logits.float(), dim=-1)
+    other = F.log_softmax(other_logits.float(), dim=-1)
+    return (clean.exp() * (clean - other)).sum(-1).mean()
+
+
+def splice(sae: SAE, keep: torch.Tensor):
+    """A hook function that replaces the kept positions' activations by the SAE's reconstruction."""
+
+    def replace(acts: torch.Tensor) -> torch.Tensor:
+        out = acts.clone()
+        out[keep] = sae(acts[keep].float()).to(acts.dtype)
+        return out
+
+    return replace
+
+
+def overwrite(keep: torch.Tensor, value: torch.Tensor | float):
+    def replace(acts: torch.Tensor) -> torch.Tensor:
+        out = acts.clone()
+        out[keep] = value if isinstance(value, float) else value.to(acts.dtype)
+        return out
+
+    return replace
+
+
+@torch.no_grad()
+def evaluate_in_model(
+    sae: SAE,
+    model,
+    *,
+    hook: str | None = None,
+    dataset: str = "default",
+    split: str = "heldout",
+    context: int = 128,
+    batch_size: int = 8,
+    max_tokens: int = 8192,
+    prepend_bos: bool = True,
+    skip_bos: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from sae_kit.harvest import HarvestConfig, WindowStream
+
+    hook = hook or sae.cfg.metadata.get("hook_name")
+    if not hook:
+        raise ValueError("the SAE's cfg.json names no hook_name; pass --hook")
+    if model.hook_dim(hook) != sae.cfg.d_in:
+        raise ValueError(f"hook {hook} has width {model.hook_dim(hook)} but the SAE expects d_in={sae.cfg.d_in}")
+    sae.eval()
+    stream = WindowStream(HarvestConfig(out="", hooks=[hook], dataset=dataset, context=context, batch_size=batch_size,
+                                        prepend_bos=prepend_bos, skip_bos=skip_bos), model.tokenizer, split=split)
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
+    mean_sum, mean_count, seen, n_batches = None, 0, 0, 0
+    bar = tqdm(total=max_tokens, unit="tok", desc="eval in model", disable=not progress)
+    for tokens in stream.batches():
+        keep = stream.keep_mask(tokens)
+        recorded: dict[str, torch.Tensor] = {}
+        clean = model.logits(tokens, replace={hook: lambda acts: recorded.setdefault("acts", acts)})
+        batch_sum = recorded["acts"][keep].double().sum(0)
+        mean_sum = batch_sum if mean_sum is None else mean_sum + batch_sum
+        mean_count += int(keep.sum())
+        spliced = model.logits(tokens, replace={hook: splice(sae, keep)})
+        zero = model.logits(tokens, replace={hook: overwrite(keep, 0.0)})
+        mean = model.logits(tokens, replace={hook: overwrite(keep, (mean_sum / mean_count).float())})
+        totals["clean"] += next_token_loss(clean, tokens).item()
+        totals["sae"] += next_token_loss(spliced, tokens).item()
+        totals["zero"] += next_token_loss(zero, tokens).item()
+        totals["mean"] += next_token_loss(mean, tokens).item()
+        totals["kl"] += kl_to_clean(clean, spliced).item()
+        n_batches += 1
+        seen += tokens.numel()
+        bar.update(tokens.numel())
+        if seen >= max_tokens:
+            break
+    bar.close()
+    if n_batches == 0:
+        raise ValueError(f"no {split} text to evaluate on in {dataset!r}")
+    loss = {name: value / n_batches for name, value in totals.items()}
+    return {
+        "hook": hook,
+        "n_tokens": seen,
+        "loss_clean": loss["clean"],
+        "loss_sae": loss["sae"],
+        "loss_zero_ablation": loss["zero"],
+        "loss_mean_ablation": loss["mean"],
+        "ce_recovered_vs_zero": (loss["zero"] - loss["sae"]) / (loss["zero"] - loss["clean"]),
+        "ce_recovered_vs_mean": (loss["mean"] - loss["sae"]) / (loss["mean"] - loss["clean"]),
+        "delta_lm_loss": loss["sae"] - loss["clean"],
+        "kl_div": loss["kl"],
+    }
+
+
+def write_in_model_eval(sae_dir: str | Path, metrics: dict[str, Any]) -> Path:
+    path = Path(sae_dir) / IN_MODEL_FILE
+    path.write_text(json.dumps(metrics, indent=2))
+    return path
