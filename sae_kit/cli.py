@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae-kit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
+        how = "--resume" if args.command == "train" else "the same command again"
+        print(f"interrupted; continue with {how}", file=sys.stderr)
         return 130
     except RuntimeError as exc:  # TrainingDiverged and friends
         print(f"sae-kit {args.command}: {exc}", file=sys.stderr)

@@ -63,10 +63,6 @@ class SparseCodes:
         return SparseCodes(self.indices, self.values.detach(), self.d_sae)
 
     @staticmethod
-    def from_topk(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> "SparseCodes":
-        return SparseCodes(indices, values, d_sae)
-
-    @staticmethod
     def from_mask(source: torch.Tensor, mask: torch.Tensor) -> "SparseCodes":
         """Compact the entries of ``source`` [B, F] where ``mask`` is true into padded codes.
 
@@ -74,13 +70,13 @@ class SparseCodes:
         """
         if source.shape != mask.shape or source.dim() != 2:
             raise ValueError(f"from_mask needs matching [B, F] tensors, got {tuple(source.shape)} and {tuple(mask.shape)}")
+        batch = mask.shape[0]
         counts = mask.sum(dim=1)
         width = max(int(counts.max().item()) if counts.numel() else 0, 1)
-        # Ordering key puts selected entries first in each row while keeping their column order.
-        keyed = mask.to(torch.int8)
-        _, order = torch.sort(keyed, dim=1, descending=True, stable=True)
-        indices = order[:, :width]
-        values = source.gather(1, indices) * mask.gather(1, indices).to(source.dtype)
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns in ascending order
+        slots = torch.arange(rows.numel(), device=mask.device) - (counts.cumsum(0) - counts)[rows]
+        indices = torch.zeros(batch, width, dtype=torch.int64, device=mask.device).index_put((rows, slots), cols)
+        values = source.new_zeros(batch, width).index_put((rows, slots), source[rows, cols])
         return SparseCodes(indices, values, source.shape[1])
 
     @staticmethod

@@ -94,19 +94,19 @@ def parse_key_values(items: list[str] | None, what: str = "--opt") -> dict[str, 
     return result
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict (YAML is a superset of JSON)."""
+def load_config_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML or JSON file (YAML is a superset of JSON) that must hold a mapping of settings."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML/JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must hold a mapping of settings, got {type(data).__name__}")
     return data
 
 

@@ -4,12 +4,16 @@ text → fixed token windows → one model pass per batch (stopped after the las
 one store per hook (``OUT/<hook name>/``), rows = kept positions (BOS and padding dropped by default).
 
 Resumable: windows are a deterministic function of (dataset, tokenizer, context), so a re-run counts
-the rows each store already holds, skips the windows they cover without running the model, and
-drops the leading rows of the first window that are already stored. A killed harvest re-run with the
-same command therefore yields exactly the store an uninterrupted run writes.
+the rows each store already holds, skips the batches of windows they cover without running the
+model, and drops the leading rows of the first re-run batch that are already stored. Rows reach
+disk in whole shards (and the last, short one when the harvest completes), so an interrupted
+harvest leaves the same shards behind whether it was killed or stopped by an exception. A killed or
+interrupted harvest re-run with the same command therefore yields exactly the store (same shards,
+same bytes) an uninterrupted run writes.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -84,13 +88,19 @@ class WindowStream:
         windows = itertools.islice(self.windows(), start_window, None)
         return batched_windows(windows, self.cfg.batch_size)
 
-    def locate_row(self, row: int) -> tuple[int, int]:
-        """(window index, rows of that window before ``row``) — from tokenisation alone."""
-        seen = 0
+    def locate_row(self, row: int, align: int = 1) -> tuple[int, int]:
+        """(window index, rows from that window on before ``row``) — from tokenisation alone.
+
+        The index is rounded down to a multiple of ``align`` (the batch size), so a resumed harvest
+        groups windows into the same batches as an uninterrupted one.
+        """
+        seen = group_seen = 0
         for index, window in enumerate(self.windows()):
+            if index % align == 0:
+                group_seen = seen
             kept = int(self.keep_mask(window[None])[0].sum())
             if seen + kept > row:
-                return index, row - seen
+                return index - index % align, row - group_seen
             seen += kept
         raise ValueError(f"the dataset has only {seen} rows of activations; asked to start at row {row}")
 
@@ -118,11 +128,12 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
         )
         for hook in cfg.hooks
     }
-    try:
-        _fill(cfg, model, writers)
-    finally:
-        for writer in writers.values():
-            writer.close()
+    _fill(cfg, model, writers)
+    # Only on success: after an interruption (Ctrl-C, an error) the rows still buffered are dropped,
+    # as a SIGKILL would drop them. Writing them as a short shard would shift every later shard
+    # boundary, so the resumed store would differ from an uninterrupted one (and shuffle differently).
+    for writer in writers.values():
+        writer.close()
     return {hook: ActivationStore(store_path(cfg.out, hook)) for hook in cfg.hooks}
 
 
@@ -132,8 +143,9 @@ def _fill(cfg: HarvestConfig, model, writers: dict[str, ActivationStoreWriter]) 
     if start_row >= cfg.tokens:
         return
     stream = WindowStream(cfg, model.tokenizer)
-    start_window, rows_before = stream.locate_row(start_row) if start_row else (0, 0)
-    # Rows each store already holds from the first window we re-run (stores can differ by a shard).
+    # Restart at the batch holding start_row, so every batch has the windows of the uninterrupted run.
+    start_window, rows_before = stream.locate_row(start_row, align=cfg.batch_size) if start_row else (0, 0)
+    # Rows each store already holds from the first batch we re-run (stores can differ by shards).
     to_drop = {hook: written[hook] - start_row + rows_before for hook in writers}
     produced = start_row
     bar = tqdm(total=cfg.tokens, initial=start_row, unit="tok", desc="harvest", disable=not cfg.progress,
@@ -165,6 +177,13 @@ def _fill(cfg: HarvestConfig, model, writers: dict[str, ActivationStoreWriter]) 
         f"the dataset {cfg.dataset!r} ran out after {produced} rows (asked for {cfg.tokens}); "
         "ask for fewer --tokens or use a larger dataset"
     )
+
+
+def _block_seed(seed: int, epoch: int, block: int) -> int:
+    # Hashed: torch's CPU generator keeps only the low 32 bits of a seed, so packing the fields into
+    # one integer (seed << 40 | ...) would make every seed shuffle alike.
+    digest = hashlib.sha256(f"sae-kit-model-source/{seed}/{epoch}/{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class ModelSource:
@@ -214,7 +233,7 @@ class ModelSource:
                 acts = torch.cat([self.model.capture(chunk, [self.hook_name])[self.hook_name]
                                   for chunk in tokens.split(self.cfg.batch_size)])[keep]
                 if split == "train":
-                    generator = torch.Generator().manual_seed((seed << 40) + (epoch << 20) + index)
+                    generator = torch.Generator().manual_seed(_block_seed(seed, epoch, index))
                     acts = acts[torch.randperm(acts.shape[0], generator=generator)]
                 yield acts[max(start_row - position, 0):]
                 position += n_rows

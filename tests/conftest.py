@@ -12,6 +12,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402  (after the environment is set)
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # TrainConfig(threads=1) sets torch's process-wide thread count; leave it as we found it.
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

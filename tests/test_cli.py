@@ -49,13 +49,6 @@ def read_records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    # --threads 1 sets torch's process-wide thread count; leave it as we found it.
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory) -> Path:

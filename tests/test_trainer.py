@@ -32,13 +32,6 @@ ARCH_OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    # TrainConfig(threads=1) sets torch's process-wide thread count; leave it as we found it.
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def dataset():

@@ -86,9 +86,11 @@ def evaluate_in_model(
     stream = WindowStream(HarvestConfig(out="", hooks=[hook], dataset=dataset, context=context, batch_size=batch_size,
                                         prepend_bos=prepend_bos, skip_bos=skip_bos), model.tokenizer, split=split)
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
-    mean_sum, mean_count, seen, n_batches = None, 0, 0, 0
+    mean_sum, mean_count, seen, n_windows = None, 0, 0, 0
     bar = tqdm(total=max_tokens, unit="tok", desc="eval in model", disable=not progress)
     for tokens in stream.batches():
+        # On the model's device: the losses compare its logits with these tokens.
+        tokens = tokens.to(model.device)
         keep = stream.keep_mask(tokens)
         recorded: dict[str, torch.Tensor] = {}
         clean = model.logits(tokens, replace={hook: lambda acts: recorded.setdefault("acts", acts)})
@@ -98,20 +100,23 @@ def evaluate_in_model(
         spliced = model.logits(tokens, replace={hook: splice(sae, keep)})
         zero = model.logits(tokens, replace={hook: overwrite(keep, 0.0)})
         mean = model.logits(tokens, replace={hook: overwrite(keep, (mean_sum / mean_count).float())})
-        totals["clean"] += next_token_loss(clean, tokens).item()
-        totals["sae"] += next_token_loss(spliced, tokens).item()
-        totals["zero"] += next_token_loss(zero, tokens).item()
-        totals["mean"] += next_token_loss(mean, tokens).item()
-        totals["kl"] += kl_to_clean(clean, spliced).item()
-        n_batches += 1
+        # Weighted by the batch's windows (all of the same length): the last batch may be short, and
+        # every position must count alike in the averages.
+        windows = tokens.shape[0]
+        totals["clean"] += next_token_loss(clean, tokens).item() * windows
+        totals["sae"] += next_token_loss(spliced, tokens).item() * windows
+        totals["zero"] += next_token_loss(zero, tokens).item() * windows
+        totals["mean"] += next_token_loss(mean, tokens).item() * windows
+        totals["kl"] += kl_to_clean(clean, spliced).item() * windows
+        n_windows += windows
         seen += tokens.numel()
         bar.update(tokens.numel())
         if seen >= max_tokens:
             break
     bar.close()
-    if n_batches == 0:
+    if n_windows == 0:
         raise ValueError(f"no {split} text to evaluate on in {dataset!r}")
-    loss = {name: value / n_batches for name, value in totals.items()}
+    loss = {name: value / n_windows for name, value in totals.items()}
     return {
         "hook": hook,
         "n_tokens": seen,

@@ -1,13 +1,12 @@
 """SAE architectures: one shared base (base.py) and one short file per variant."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.config import ConfigError, SAEConfig, load_config_file
 from sae_kit.sae import abstopk, batchtopk, feature_choice, gba, mutual_choice, relu, topafa, topk  # noqa: F401 (registers)
 from sae_kit.sae.base import ARCHITECTURES, CONFIG_FILE, SAE, WEIGHTS_FILE
 
@@ -48,12 +47,7 @@ def load_sae(directory: str | Path) -> SAE:
     for path in (cfg_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: an SAE folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        data = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{cfg_path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{cfg_path} must hold a JSON object of settings, got {type(data).__name__}")
+    data = load_config_file(cfg_path, what="SAE config")
     try:
         sae = create_sae(sae_config_from_dict(data))
     except ConfigError as exc:
