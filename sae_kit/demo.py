@@ -26,7 +26,7 @@ class DemoConfig:
     layer: int | None = None  # None: the middle block
     hook_point: str = "hook_resid_post"
     dataset: str = "default"
-    tokens: int = 400_000  # harvested activation rows
+    tokens: int = 200_000  # harvested activation rows
     context: int = 128
     expansion: int = 8
     k: int = 32

@@ -13,7 +13,6 @@ same bytes) an uninterrupted run writes.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_kit.config import ConfigError
+from sae_kit.seeding import derived_generator
 from sae_kit.store import ActivationStore, ActivationStoreWriter
 from sae_kit.text import batched_windows, iter_texts, skip_positions_mask, token_windows
 
@@ -179,13 +179,6 @@ def _fill(cfg: HarvestConfig, model, writers: dict[str, ActivationStoreWriter]) 
     )
 
 
-def _block_seed(seed: int, epoch: int, block: int) -> int:
-    # Hashed: torch's CPU generator keeps only the low 32 bits of a seed, so packing the fields into
-    # one integer (seed << 40 | ...) would make every seed shuffle alike.
-    digest = hashlib.sha256(f"sae-kit-model-source/{seed}/{epoch}/{block}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 class ModelSource:
     """Activations straight from a model, without a cache: a BatchSource for the trainer.
 
@@ -233,7 +226,7 @@ class ModelSource:
                 acts = torch.cat([self.model.capture(chunk, [self.hook_name])[self.hook_name]
                                   for chunk in tokens.split(self.cfg.batch_size)])[keep]
                 if split == "train":
-                    generator = torch.Generator().manual_seed(_block_seed(seed, epoch, index))
+                    generator = derived_generator("model-source", seed, epoch, index)
                     acts = acts[torch.randperm(acts.shape[0], generator=generator)]
                 yield acts[max(start_row - position, 0):]
                 position += n_rows

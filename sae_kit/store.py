@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from sae_kit.seeding import derive_seed
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -208,9 +210,7 @@ def _inspect_shard(path: Path, d_in: int, dtype: str) -> int:
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
-    # Hashing keeps (seed, epoch) pairs from colliding, as e.g. seed * K + epoch would.
-    digest = hashlib.sha256(f"sae-kit-store/{seed}/{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return derive_seed("store", seed, epoch)
 
 
 # --------------------------------------------------------------------------------------------

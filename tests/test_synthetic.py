@@ -104,3 +104,14 @@ def test_bad_requests_fail_clearly() -> None:
         decaying_probabilities(n_features=4, decay=0.99, mean_active=5.0)
     with pytest.raises(ValueError, match="outside"):
         make_dataset("gba_imbalanced", n_features=10, active_counts=(3, 20))
+
+
+def test_synthetic_source_streams_differ_by_split_and_seed() -> None:
+    from sae_kit.eval.synthetic import SyntheticSource
+
+    source = SyntheticSource(make_dataset("signed", seed=0))
+    first = lambda **kw: next(source.iter_batches(64, **kw))  # noqa: E731
+    assert torch.equal(first(seed=0), first(seed=0))
+    assert not torch.equal(first(seed=0), first(seed=1))
+    assert not torch.equal(first(split="train"), first(split="heldout"))
+    assert torch.equal(next(source.iter_batches(64, start_batch=3)), list(zip(range(4), source.iter_batches(64)))[3][1])

@@ -21,6 +21,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from sae_kit.seeding import derived_generator
+
 __all__ = [
     "BernoulliSparsity",
     "DATASET_NAMES",
@@ -319,7 +321,7 @@ class SyntheticSource:
     def _generator(self, seed: int, split: str, index: int) -> torch.Generator:
         if split not in self.SPLIT_OFFSETS:
             raise ValueError(f"split must be one of {sorted(self.SPLIT_OFFSETS)}, got {split!r}")
-        return torch.Generator().manual_seed(((seed * 3 + self.SPLIT_OFFSETS[split]) << 32) + index)
+        return derived_generator("synthetic", self.dataset.name, seed, self.SPLIT_OFFSETS[split], index)
 
     def iter_batches(self, batch_size: int, *, split: str = "train", seed: int = 0, start_batch: int = 0, **_: object):
         index = start_batch
@@ -328,7 +330,7 @@ class SyntheticSource:
             index += 1
 
     def sample(self, n: int, seed: int = 0, **_: object) -> torch.Tensor:
-        return self.dataset.sample(n, self._generator(seed, "train", -1 & 0xFFFFFFFF))[0]
+        return self.dataset.sample(n, self._generator(seed, "train", "init-sample"))[0]
 
 
 def write_synthetic_store(directory, dataset: PlantedDataset, *, tokens: int, seed: int = 0,

@@ -17,7 +17,7 @@ import torch
 
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig
-from sae_kit.sae.base import SAE, TrainingOutput, batch_top_mask, register
+from sae_kit.sae.base import SAE, TrainingOutput, register
 
 
 @dataclass
@@ -42,12 +42,7 @@ class AbsTopKSAE(SAE):
         if self.opts.selection == "token":
             indices = magnitude.topk(min(self.cfg.k, self.cfg.d_sae), dim=1).indices
             return SparseCodes(indices, pre.gather(1, indices), self.cfg.d_sae)
-        if not self.training:
-            return SparseCodes.from_mask(pre, magnitude > self.threshold)
-        mask = batch_top_mask(magnitude, self.cfg.k * pre.shape[0]) & (magnitude > 0)
-        if mask.any():
-            self.observe_threshold(magnitude.detach()[mask].min(), self.opts.threshold_beta)
-        return SparseCodes.from_mask(pre, mask)
+        return self.batch_level_select(magnitude, pre)
 
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
         return self.dead_latent_loss(out, signed=True)

@@ -236,6 +236,16 @@ class SAE(nn.Module):
     def observe_threshold(self, observed: torch.Tensor, beta: float) -> None:
         update_ema(self.threshold, self.threshold_weight, observed, beta)
 
+    def batch_level_select(self, score: torch.Tensor, values: torch.Tensor) -> SparseCodes:
+        """BatchTopK's rule on a score >= 0: the batch's top k·B entries while training (the smallest
+        selected score feeds the threshold EMA), ``score > threshold`` at inference."""
+        if not self.training:
+            return SparseCodes.from_mask(values, score > self.threshold)
+        mask = batch_top_mask(score, self.cfg.k * score.shape[0]) & (score > 0)
+        if mask.any():
+            self.observe_threshold(score.detach()[mask].min(), self.opts.threshold_beta)
+        return SparseCodes.from_mask(values, mask)
+
     # ----------------------------------------------------------- training hooks
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:

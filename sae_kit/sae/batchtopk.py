@@ -14,7 +14,7 @@ import torch
 
 from sae_kit.codes import SparseCodes
 from sae_kit.config import SAEConfig
-from sae_kit.sae.base import SAE, TrainingOutput, batch_top_mask, register
+from sae_kit.sae.base import SAE, TrainingOutput, register
 
 
 @dataclass
@@ -33,12 +33,7 @@ class BatchTopKSAE(SAE):
 
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
         acts = pre.relu()
-        if not self.training:
-            return SparseCodes.from_mask(acts, acts > self.threshold)
-        mask = batch_top_mask(acts, self.cfg.k * pre.shape[0]) & (acts > 0)
-        if mask.any():
-            self.observe_threshold(acts.detach()[mask].min(), self.opts.threshold_beta)
-        return SparseCodes.from_mask(acts, mask)
+        return self.batch_level_select(acts, acts)
 
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
         return self.dead_latent_loss(out)
