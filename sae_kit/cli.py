@@ -44,7 +44,7 @@ TRAIN_FLAGS = {
 def add_train_parser(sub) -> None:
     from sae_kit.sae import ARCHITECTURES
 
-    p = sub.add_parser("train", help="train an SAE on cached activations",
+    p = sub.add_parser("train", help="train an SAE on cached activations or straight from a model",
                        description="Train an SAE. Settings come from --config (YAML/JSON), then flags override them.")
     p.add_argument("--config", help="YAML or JSON file with TrainConfig settings")
     for dest, spec in TRAIN_FLAGS.items():

@@ -35,10 +35,10 @@ class DatasetSettings:
 
 DATASETS = {
     # Sharkey toy: 512 features, ~5 active; a 2x dictionary, k = the true mean L0.
-    "sharkey": DatasetSettings(d_sae=1024, k=5, steps=800),
+    "sharkey": DatasetSettings(d_sae=1024, k=5, steps=700),
     # GBA's imbalanced set: mean L0 11.5 (3 or 20); GBA's paper compares TopK with K = 30. Recovery
     # on this set keeps improving for thousands of steps, hence the longer budget.
-    "gba_imbalanced": DatasetSettings(d_sae=512, k=12, steps=4000, extra_runs=[("topk k=30", "topk", 30)]),
+    "gba_imbalanced": DatasetSettings(d_sae=512, k=12, steps=3000, extra_runs=[("topk k=30", "topk", 30)]),
     # Signed codes: 2x dictionary so TopK has room for +v and -v.
     "signed": DatasetSettings(d_sae=256, k=4, steps=800, absolute=True),
 }
