@@ -29,9 +29,6 @@ import math
 import os
 import re
 import shutil
-import socket
-import threading
-import urllib.parse
 import uuid
 import warnings
 from pathlib import Path
@@ -39,6 +36,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from sae_kit.hub import hub_offline, hub_reachable
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -65,7 +64,6 @@ CONVERSION_RECORD = "sae_kit_conversion.json"
 GPT2_NAMES = {"gpt2": "gpt2", "gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium",
               "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl", "distilgpt2": "distilgpt2"}
 
-HUB_PROBE_TIMEOUT_S = 2.0
 
 Replacement = Callable[[Tensor], Tensor]
 
@@ -669,9 +667,9 @@ def _load_hub_model(name: str, *, device: str, dtype: torch.dtype) -> LanguageMo
     repo_id = GPT2_NAMES.get(name.lower(), name)
     cached = _in_hf_cache(repo_id)
     if not cached:
-        if _hf_offline():
+        if hub_offline():
             reason = "Hugging Face offline mode is on (HF_HUB_OFFLINE)"
-        elif not _hub_reachable():
+        elif not hub_reachable():
             reason = "the Hugging Face Hub is not reachable from this machine"
         else:
             reason = None
@@ -738,37 +736,6 @@ def _in_hf_cache(repo_id: str) -> bool:
     except Exception:  # not a valid repo id at all
         return False
     return isinstance(found, str)
-
-
-def _hf_offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return flag.strip().lower() in {"1", "true", "yes", "on"} or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the Hub (or the HTTPS proxy) opens within ``timeout`` seconds."""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    url = urllib.parse.urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host = url.hostname
-    if not host:
-        return False
-    port = url.port or (443 if url.scheme == "https" else 80)
-    reachable: list[bool] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            reachable.append(True)
-        except OSError:
-            reachable.append(False)
-
-    # A thread, because name resolution itself has no timeout.
-    probe = threading.Thread(target=connect, daemon=True, name="sae-kit-hub-probe")
-    probe.start()
-    probe.join(timeout + 0.5)
-    return bool(reachable and reachable[0])
 
 
 def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:

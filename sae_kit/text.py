@@ -52,7 +52,7 @@ Offline handling for Hub names
   is in the local cache; we re-raise its error as :class:`HubUnavailableError` with a message
   saying how to use a local file or the default corpus.
 * Without the flag, ``datasets`` retries an unreachable Hub for 20-50 s. So we first probe the
-  Hub endpoint with one HEAD request bounded by :data:`HUB_PROBE_TIMEOUT_S` (3 s; run in a
+  Hub endpoint with a TCP connection bounded by :data:`HUB_PROBE_TIMEOUT_S` (3 s; run in a
   daemon thread so even a hanging DNS lookup cannot block us) and fail with the same error if
   nothing answers. We do not flip ``HF_HUB_OFFLINE`` ourselves: ``huggingface_hub`` and
   ``datasets`` read it once at import, so changing it later is unreliable.
@@ -63,12 +63,13 @@ import importlib.util
 import itertools
 import os
 import re
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 import torch
+
+from sae_kit.hub import HUB_PROBE_TIMEOUT_S, hub_endpoint, hub_offline, hub_reachable
 
 __all__ = [
     "DEFAULT_CORPUS_LICENSE",
@@ -108,7 +109,6 @@ DEFAULT_CORPUS_LICENSE = (
 )
 
 HELDOUT_EVERY = 20
-HUB_PROBE_TIMEOUT_S = 3.0
 
 _SETUP_HINT = (
     "run `bash scripts/setup.sh`, or install it alone with "
@@ -422,59 +422,14 @@ def _hub_help(spec: str, offline: bool) -> str:
     return msg
 
 
-def _hub_offline() -> bool:
-    # datasets reads HF_HUB_OFFLINE / HF_DATASETS_OFFLINE once, at import; ask it rather than the
-    # environment so we agree with what load_dataset will actually do.
-    import datasets.config
-
-    return bool(datasets.config.HF_HUB_OFFLINE)
-
-
-def _hub_endpoint() -> str:
-    try:
-        from huggingface_hub import constants
-
-        return constants.ENDPOINT
-    except Exception:  # pragma: no cover
-        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-
-
-def _head_request(url: str, timeout: float) -> None:
-    # huggingface_hub's session honours the same proxy and certificate settings datasets uses.
-    from huggingface_hub.utils import get_session
-
-    get_session().head(url, timeout=timeout)
-
-
-def _hub_reachable(timeout: float | None = None) -> bool:
-    """True if the Hub endpoint answers any HTTP request within ``timeout`` seconds."""
-    timeout = HUB_PROBE_TIMEOUT_S if timeout is None else timeout
-    url = _hub_endpoint()
-    outcome: list[bool] = []
-
-    def probe() -> None:
-        try:
-            _head_request(url, timeout)
-            outcome.append(True)
-        except Exception:
-            outcome.append(False)
-
-    # A daemon thread bounds the whole probe, DNS lookup included (socket timeouts do not cover
-    # getaddrinfo); if it hangs we simply stop waiting for it.
-    thread = threading.Thread(target=probe, name="sae-kit-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(outcome and outcome[0])
-
-
 def _iter_hub(spec: str, split: str, column: str, streaming: bool) -> Iterator[str]:
     name, _, config = spec.partition(":")
     if not name or "://" in spec:
         raise ValueError(f"not a Hub dataset name: {spec!r} (expected 'owner/name[:config]')")
-    offline = _hub_offline()
-    if not offline and not _hub_reachable():
+    offline = hub_offline()
+    if not offline and not hub_reachable():
         raise HubUnavailableError(
-            f"Cannot reach the Hugging Face Hub ({_hub_endpoint()}) to load dataset {spec!r} "
+            f"Cannot reach the Hugging Face Hub ({hub_endpoint()}) to load dataset {spec!r} "
             f"(it did not answer a probe with a {HUB_PROBE_TIMEOUT_S:g} s timeout). {_hub_help(spec, offline)}"
         )
     import datasets
