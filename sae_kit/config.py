@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,12 @@ def parse_options(options_cls: type, given: dict[str, Any], owner: str) -> Any:
         default = valid[name].default
         like = None if default is dataclasses.MISSING else default
         converted[name] = _coerce(value, like, f"{owner} option {name}")
-    return options_cls(**converted)
+    options = options_cls(**converted)
+    # Options typed Literal[...] accept only the listed values.
+    for name, hint in typing.get_type_hints(options_cls).items():
+        if typing.get_origin(hint) is typing.Literal and getattr(options, name) not in typing.get_args(hint):
+            raise ConfigError(f"{owner} option {name} must be one of {typing.get_args(hint)}, got {getattr(options, name)!r}")
+    return options
 
 
 def _coerce(value: Any, like: Any, what: str) -> Any:

@@ -12,17 +12,18 @@ pre-subtract b_dec (unverified for the official code).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from sae_kit.codes import SparseCodes
-from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.config import SAEConfig
 from sae_kit.sae.base import SAE, TrainingOutput, register
 
 
 @dataclass
 class AbsTopKOptions:
-    selection: str = "token"
+    selection: Literal["token", "batch"] = "token"
     threshold_beta: float = 0.999
 
 
@@ -33,8 +34,6 @@ class AbsTopKSAE(SAE):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
-        if self.opts.selection not in ("token", "batch"):
-            raise ConfigError(f"abstopk selection must be 'token' or 'batch', got {self.opts.selection!r}")
         self.register_threshold()
 
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:

@@ -12,18 +12,19 @@ Auxiliary loss: aux_zipf_loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from sae_kit.codes import SparseCodes
-from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.config import SAEConfig
 from sae_kit.sae.base import SAE, register
 from sae_kit.sae.zipf import ZipfAuxMixin, ZipfOptions, density_ranks, zipf_profile
 
 
 @dataclass
 class FeatureChoiceOptions(ZipfOptions):
-    capacity: str = "uniform"
+    capacity: Literal["uniform", "zipf"] = "uniform"
 
 
 @register
@@ -33,8 +34,6 @@ class FeatureChoiceSAE(ZipfAuxMixin, SAE):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
-        if self.opts.capacity not in ("uniform", "zipf"):
-            raise ConfigError(f"feature_choice capacity must be 'uniform' or 'zipf', got {self.opts.capacity!r}")
         self.register_threshold()
 
     def capacities(self, batch_size: int) -> torch.Tensor:
