@@ -93,7 +93,7 @@ def run_one(name, dataset, settings: DatasetSettings, label: str, arch: str, k: 
     row = {
         "dataset": name,
         "arch": label,
-        "k": k if arch not in ("topafa", "gba", "relu") else None,
+        "k": k if ARCHITECTURES[arch].uses_k else None,
         "mmcs": mmcs(truth, learned, absolute=settings.absolute),
         "frr@0.8": feature_recovery_rate(truth, learned, 0.8, absolute=settings.absolute),
         "frr@0.9": feature_recovery_rate(truth, learned, 0.9, absolute=settings.absolute),

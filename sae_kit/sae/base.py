@@ -67,6 +67,8 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     default_normalization: ClassVar[str] = "none"
+    # Whether cfg.k matters (top-AFA, GBA and ReLU choose their own sparsity).
+    uses_k: ClassVar[bool] = True
     # top-AFA and GBA keep b_enc out of the optimizer (a fixed zero / a bias adapted by a rule).
     trains_encoder_bias: ClassVar[bool] = True
     # Tensors written to the weights file for other tools but rebuilt from others on load.

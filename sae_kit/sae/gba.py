@@ -46,6 +46,7 @@ class GBAOptions:
 @register
 class GBASAE(SAE):
     architecture = "gba"
+    uses_k = False
     Options = GBAOptions
     default_normalization = "unit_norm"
     trains_encoder_bias = False

@@ -21,6 +21,7 @@ class ReluOptions:
 @register
 class ReluSAE(SAE):
     architecture = "relu"
+    uses_k = False
     Options = ReluOptions
 
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:

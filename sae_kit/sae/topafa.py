@@ -48,6 +48,7 @@ def afa_select(acts: torch.Tensor, decoder_norms: torch.Tensor, target: torch.Te
 @register
 class TopAFASAE(SAE):
     architecture = "topafa"
+    uses_k = False
     Options = TopAFAOptions
     default_normalization = "layer_norm"
     trains_encoder_bias = False
