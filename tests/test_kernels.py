@@ -1,0 +1,276 @@
+"""Sparse kernels against their dense references: values and gradients of every backend.
+
+References are computed in fp64 from the same (rounded) inputs. Triton runs under the CPU
+interpreter (conftest sets TRITON_INTERPRET=1 before anything imports the kernels); its cases are
+kept tiny because every program costs milliseconds there.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sae_kit import kernels
+from sae_kit.kernels import sparse_decode, topk_encode
+from sae_kit.kernels import torch_path
+from sae_kit.kernels.reference import (
+    densify,
+    sparse_decode_reference,
+    topk_encode_grads_reference,
+    topk_encode_reference,
+)
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    HAVE_TRITON = False
+
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton needs a GPU or TRITON_INTERPRET=1")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def make_codes(B, K, F, d, *, seed=0, repeat=False, padding=False):
+    """Random [B, K] codes with optional repeated indices and zero-padded rows, plus W and g (fp64)."""
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, F, (B, K), generator=gen)
+    values = torch.randn(B, K, generator=gen, dtype=torch.float64)
+    if repeat and K > 1:
+        indices[0, :] = indices[0, 0]  # one row repeats a single latent in every slot
+        indices[1:, 1] = indices[1:, 0]  # every other row repeats its first latent once
+        indices[B // 2 :, -1] = F - 1  # many rows share the last latent
+    if padding:
+        cut = torch.randint(0, K + 1, (B,), generator=gen)
+        pad = torch.arange(K)[None, :] >= cut[:, None]
+        pad[-1] = True  # a row with no active latent at all
+        values[pad] = 0
+        indices[pad] = 0
+    weight = torch.randn(F, d, generator=gen, dtype=torch.float64)
+    grad = torch.randn(B, d, generator=gen, dtype=torch.float64)
+    return indices, values, weight, grad
+
+
+def decode_with_grads(backend, indices, values, weight, grad):
+    values = values.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    out = sparse_decode(indices, values, weight, backend=backend)
+    out.backward(grad)
+    return out.detach(), values.grad, weight.grad
+
+
+def assert_close(actual, expected, tol):
+    assert actual.shape == expected.shape
+    assert torch.isfinite(actual).all()
+    scale = max(expected.abs().max().item(), 1.0)
+    err = (actual.double() - expected).abs().max().item() if actual.numel() else 0.0
+    assert err <= tol * scale, f"max error {err:.3g} > {tol * scale:.3g}"
+
+
+def check_decode(backend, dtype, indices, values, weight, grad):
+    v, w, g = values.to(dtype), weight.to(dtype), grad.to(dtype)
+    expected = decode_with_grads("reference", indices, v.double(), w.double(), g.double())
+    actual = decode_with_grads(backend, indices, v, w, g)
+    assert actual[0].dtype == dtype and actual[1].dtype == dtype and actual[2].dtype == dtype
+    for a, e in zip(actual, expected):
+        assert_close(a, e, TOL[dtype])
+
+
+# (B, K, F, d, repeat, padding): k=1, non-powers of two, repeated indices, zero-padded rows.
+CASES = [
+    (1, 1, 1, 1, False, False),
+    (5, 1, 7, 3, False, False),
+    (13, 6, 37, 19, True, False),
+    (11, 5, 29, 33, False, True),
+    (17, 7, 23, 5, True, True),
+]
+BIG = (64, 12, 300, 96, True, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES + [BIG], ids=lambda c: "x".join(map(str, c[:4])) + ("-rep" if c[4] else "") + ("-pad" if c[5] else ""))
+def test_torch_decode_matches_reference(case, dtype):
+    B, K, F, d, repeat, padding = case
+    check_decode("torch", dtype, *make_codes(B, K, F, d, repeat=repeat, padding=padding))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + ("-rep" if c[4] else "") + ("-pad" if c[5] else ""))
+def test_triton_decode_matches_reference(case, dtype):
+    B, K, F, d, repeat, padding = case
+    check_decode("triton", dtype, *make_codes(B, K, F, d, repeat=repeat, padding=padding))
+
+
+@needs_triton
+def test_triton_decode_larger_tiles():
+    # K > BLOCK_K (16) and d > BLOCK_D (256) exercise the tile loops; F > B*K leaves untouched rows.
+    check_decode("triton", torch.float32, *make_codes(6, 21, 45, 300, repeat=True, padding=True))
+
+
+@needs_triton
+def test_triton_writes_every_output_element():
+    from sae_kit.kernels import triton_decode as td
+
+    indices, values, weight, grad = make_codes(9, 5, 41, 19, repeat=True, padding=True)
+    values, weight, grad = values.float(), weight.float(), grad.float()
+    nan = float("nan")
+    out = td.decode_forward(indices, values, weight, out=torch.full((9, 19), nan))
+    dv = td.decode_grad_values(indices, weight, grad, torch.float32, out=torch.full((9, 5), nan))
+    dw = td.decode_grad_weight(indices, values, grad, weight, out=torch.full((41, 19), nan))
+    dense = densify(indices, values.double(), 41)
+    assert_close(out, dense @ weight.double(), 1e-5)
+    assert_close(dv, (grad.double() @ weight.double().T).gather(1, indices), 1e-5)
+    assert_close(dw, dense.T @ grad.double(), 1e-5)
+
+
+@needs_triton
+def test_triton_rejects_out_of_range_indices():
+    indices = torch.tensor([[0, 7]])
+    with pytest.raises(IndexError):
+        sparse_decode(indices, torch.ones(1, 2), torch.randn(7, 3), backend="triton")
+
+
+def test_torch_path_chunks(monkeypatch):
+    # Tiny chunks: gathers and index_add_ sources are built a few rows at a time.
+    monkeypatch.setattr(torch_path, "CHUNK_ELEMENTS", 40)
+    check_decode("torch", torch.float32, *make_codes(19, 6, 31, 7, repeat=True, padding=True))
+    check_topk("float32", 19, 7, 31, 4, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_scatter_rows_variants_match_dense(dtype, monkeypatch):
+    monkeypatch.setattr(torch_path, "INDEX_ADD_CHUNK_ELEMENTS", 50)
+    indices, values, _, rows = make_codes(23, 5, 31, 6, repeat=True, padding=True)
+    expected = densify(indices, values, 31).T @ rows
+    v, r = values.to(dtype), rows.to(dtype)
+    tol = 1e-12 if dtype == torch.float64 else TOL[dtype] * 10  # inputs rounded to dtype
+    for fn in (torch_path.scatter_rows, torch_path.scatter_rows_index_add):
+        out = fn(indices, v, r, 31)
+        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_close(out, densify(indices, v.double(), 31).T @ r.double(), 1e-5 if dtype != torch.float64 else 1e-12)
+        assert_close(out, expected, tol)
+
+
+def test_default_dispatch_on_cpu():
+    indices, values, weight, grad = make_codes(8, 3, 50, 6)
+    values, weight = values.float(), weight.float()
+    out = sparse_decode(indices, values.requires_grad_(), weight)
+    assert out.grad_fn is not None and "EmbeddingBag" in type(out.grad_fn).__name__  # CPU default
+    assert_close(out.detach(), sparse_decode_reference(indices, values.detach().double(), weight.double()), 1e-5)
+    # dense codes go through one matrix product
+    dense_idx = torch.randint(0, 10, (4, 2))
+    assert_close(sparse_decode(dense_idx, torch.ones(4, 2), weight[:10]), densify(dense_idx, torch.ones(4, 2, dtype=torch.float64), 10) @ weight[:10].double(), 1e-5)
+    assert sparse_decode(indices[:, :0], values[:, :0], weight).shape == (8, 6)
+    with pytest.raises(ValueError):
+        sparse_decode(indices, values, weight, backend="cuda")
+    with pytest.raises(ValueError):
+        sparse_decode(indices[0], values[0], weight)
+    assert kernels.DENSE_FRACTION == 8
+
+
+class MaxNumel(TorchDispatchMode):
+    """Records the largest dense (strided) tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:  # sparse [F, B] is fine
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_backwards_never_build_dense_codes():
+    B, K, F, d = 32, 4, 300, 8  # B*F = 9600 is larger than F*d, B*K*d and anything else needed
+    indices, values, weight, grad = make_codes(B, K, F, d, repeat=True)
+    values, weight = values.float().requires_grad_(), weight.float().requires_grad_()
+    out = sparse_decode(indices, values, weight, backend="torch")
+    with MaxNumel() as mode:
+        out.backward(grad.float())
+    assert mode.largest < B * F
+
+    x = torch.randn(B, d, requires_grad=True)
+    W_enc = torch.randn(d, F, requires_grad=True)
+    b_enc = torch.randn(F, requires_grad=True)
+    b_dec = torch.randn(d, requires_grad=True)
+    vals, _ = topk_encode(x, W_enc, b_enc, b_dec, K)
+    with MaxNumel() as mode:
+        vals.relu().sum().backward()
+    assert mode.largest < B * F
+
+
+def check_topk(dtype_name, B, d, F, k, seed=0, requires=(True, True, True, True)):
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype) for s in ((B, d), (d, F), (F,), (d,))]
+    # Row 0 gets x = b_dec, so its pre-activations are b_enc, which has one positive entry:
+    # that row has fewer than k positives and its other selected slots are inactive after ReLU.
+    tensors[0][0] = tensors[3]
+    tensors[2] = -tensors[2].abs()
+    tensors[2][0] = tensors[2][0].abs()
+    grad = torch.randn(B, k, generator=gen, dtype=torch.float64).to(dtype)
+    params = [t.clone().requires_grad_(r) for t, r in zip(tensors, requires)]
+    values, indices = topk_encode(*params, k)
+    # fp64 reference on the same indices (bf16 rounding could change the order of near-ties)
+    ref64 = [t.double() for t in tensors]
+    pre = (ref64[0] - ref64[3]) @ ref64[1] + ref64[2]
+    assert_close(values.detach(), pre.gather(1, indices), TOL[dtype])
+    if dtype == torch.float64 or dtype == torch.float32:
+        ref_values, ref_indices = topk_encode_reference(*ref64, k)
+        assert torch.equal(indices, ref_indices)
+    relu_mask = (values.detach() > 0).double()
+    assert relu_mask[0].sum() == 1 and relu_mask[0, 0] == 1
+    values.relu().backward(grad)
+    expected = topk_encode_grads_reference(ref64[0], ref64[1], ref64[3], indices, grad.double() * relu_mask)
+    for name, p, r in zip(("x", "W_enc", "b_enc", "b_dec"), params, requires):
+        if not r:
+            assert p.grad is None
+            continue
+        assert p.grad.dtype == dtype
+        assert_close(p.grad, expected[name], TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("B,d,F,k", [(1, 1, 1, 1), (7, 5, 13, 1), (13, 19, 37, 6), (64, 96, 300, 32)])
+def test_topk_encode_matches_reference(dtype_name, B, d, F, k):
+    check_topk(dtype_name, B, d, F, k)
+
+
+def test_topk_encode_partial_grads_and_clamped_k():
+    check_topk("float32", 9, 6, 20, 3, requires=(False, True, False, True))  # x data, b_enc a buffer
+    values, indices = topk_encode(torch.randn(3, 4), torch.randn(4, 5), torch.zeros(5), torch.zeros(4), 99)
+    assert values.shape == indices.shape == (3, 5)
+    with pytest.raises(ValueError):
+        topk_encode(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(4), torch.zeros(4), 2)
+
+
+def test_topk_encode_gradcheck():
+    gen = torch.Generator().manual_seed(1)
+    args = [torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in ((4, 3), (3, 11), (11,), (3,))]
+    assert torch.autograd.gradcheck(lambda *a: topk_encode(*a, 3)[0], args)
+
+
+def test_torch_decode_gradcheck():
+    indices, values, weight, _ = make_codes(5, 3, 9, 4, repeat=True, padding=True)
+    assert torch.autograd.gradcheck(
+        lambda v, w: sparse_decode(indices, v, w, backend="torch"), [values.requires_grad_(), weight.requires_grad_()]
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton), None])
+def test_empty_batch(backend):
+    values = torch.zeros(0, 3, requires_grad=True)
+    weight = torch.randn(50, 4, requires_grad=True)
+    out = sparse_decode(torch.zeros(0, 3, dtype=torch.int64), values, weight, backend=backend)
+    out.sum().backward()
+    assert out.shape == (0, 4) and weight.grad.abs().sum() == 0
+    W_enc = torch.randn(4, 9, requires_grad=True)
+    vals, _ = topk_encode(torch.zeros(0, 4), W_enc, torch.zeros(9), torch.zeros(4), 3)
+    vals.sum().backward()
+    assert W_enc.grad.abs().sum() == 0
