@@ -26,24 +26,24 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
-
-from sae_kit.seeding import derive_seed
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from sae_kit.fileio import TEMP_SUFFIX, atomic_write
+from sae_kit.seeding import derive_seed
 
 FORMAT_NAME = "sae-kit-activation-store"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "heldout", "all")
 
-_TEMP_SUFFIX = ".tmp"
+_TEMP_SUFFIX = TEMP_SUFFIX
 _SHARD_NAME = re.compile(r"^shard_(\d+)\.safetensors$")
 _TENSOR_NAMES = ("activations", "token_ids", "positions")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -83,40 +83,9 @@ def _sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable. Some platforms cannot open a directory; the rename is
-    # still atomic there, only its durability across a power cut is weaker.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(directory: Path, final_name: str, write: Callable[[Path], None]) -> None:
-    """Run ``write(temp_path)``, fsync the result, and rename it to ``directory/final_name``."""
-    fd, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{final_name}.", suffix=_TEMP_SUFFIX)
-    os.close(fd)
-    temp_path = Path(temp_name)
-    try:
-        write(temp_path)
-        with open(temp_path, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temp_path, directory / final_name)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-    _fsync_directory(directory)
-
-
 def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     text = json.dumps(manifest, indent=2) + "\n"
-    _atomic_write(directory, MANIFEST_NAME, lambda path: path.write_text(text))
+    atomic_write(directory / MANIFEST_NAME, lambda path: path.write_text(text))
 
 
 def _load_manifest(directory: Path) -> dict[str, Any]:
@@ -449,7 +418,7 @@ class ActivationStoreWriter:
         name = shard_file_name(len(self._manifest["shards"]))
         tensors = {"activations": activations.contiguous(), "token_ids": token_ids.contiguous(),
                    "positions": positions.contiguous()}
-        _atomic_write(self.directory, name, lambda path: save_file(tensors, str(path)))
+        atomic_write(self.directory / name, lambda path: save_file(tensors, str(path)))
         path = self.directory / name
         manifest = {**self._manifest, "shards": [*self._manifest["shards"], {
             "file": name, "n_tokens": activations.shape[0], "sha256": _sha256_of_file(path),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig, parse_options
+from sae_kit.fileio import atomic_write
 from sae_kit.kernels import sparse_decode
 
 CONFIG_FILE = "cfg.json"
@@ -376,19 +376,6 @@ def update_ema(current: torch.Tensor, weight: torch.Tensor, observed: torch.Tens
     new_weight = beta * weight + (1 - beta)
     current.copy_((beta * weight * current + (1 - beta) * observed) / new_weight)
     weight.copy_(new_weight)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename over the target."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
