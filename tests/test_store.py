@@ -156,6 +156,15 @@ def test_resume_after_kill_between_shard_rename_and_manifest(tmp_path, monkeypat
     store.verify()
 
 
+def finish_and_check(writer, directory, data, start):
+    """Append data[start:], close, and check the store holds exactly ``data`` with valid checksums."""
+    writer.append(data[start:])
+    writer.close()
+    store = ActivationStore(directory)
+    assert torch.equal(store.read(0, len(data)), data)
+    store.verify()
+
+
 def test_failed_shard_write_can_be_retried_in_process(tmp_path, monkeypatch):
     data = make_data(40)
     writer = ActivationStoreWriter(tmp_path, d_in=D_IN, shard_tokens=8)
@@ -170,11 +179,7 @@ def test_failed_shard_write_can_be_retried_in_process(tmp_path, monkeypatch):
         writer.append(data[10:30])  # shard 1 renamed in, its manifest write fails
     assert writer.tokens_written == 8 and writer.tokens_pending == 22
     monkeypatch.setattr(store_module, "_write_manifest", real_write_manifest)
-    writer.append(data[30:])
-    writer.close()
-    store = ActivationStore(tmp_path)
-    assert torch.equal(store.read(0, 40), data)
-    store.verify()
+    finish_and_check(writer, tmp_path, data, start=30)
 
 
 def test_resume_deletes_unreadable_orphan_shard(tmp_path):
@@ -187,11 +192,7 @@ def test_resume_deletes_unreadable_orphan_shard(tmp_path):
         writer = ActivationStoreWriter(tmp_path, d_in=D_IN, shard_tokens=10)
     assert writer.tokens_written == 20
     assert not (tmp_path / "shard_00007.safetensors").exists()
-    writer.append(data[20:])
-    writer.close()
-    store = ActivationStore(tmp_path)
-    assert torch.equal(store.read(0, 30), data)
-    store.verify()
+    finish_and_check(writer, tmp_path, data, start=20)
 
 
 def test_resume_after_clean_close_continues_appending(tmp_path):
