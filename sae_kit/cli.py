@@ -181,6 +181,18 @@ def cmd_bench_synthetic(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from sae_kit.interop.commands import cmd_export as run
+
+    return run(args)
+
+
+def cmd_import(args) -> int:
+    from sae_kit.interop.commands import cmd_import as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sae_kit.eval.synthetic import DATASET_NAMES
     from sae_kit.sae import ARCHITECTURES
@@ -257,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's step count")
     p.add_argument("--json", help="write the table's rows as JSON")
     p.add_argument("--no-progress", action="store_true")
+
+    from sae_kit.interop.commands import add_parsers as add_interop_parsers
+
+    add_interop_parsers(sub)
     return parser
 
 
@@ -267,6 +283,8 @@ COMMANDS = {
     ("demo",): cmd_demo,
     ("store", "synth"): cmd_store_synth,
     ("bench", "synthetic"): cmd_bench_synthetic,
+    ("export",): cmd_export,
+    ("import",): cmd_import,
 }
 
 
