@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from sae_kit import data_parallel
 from sae_kit.codes import SparseCodes
 from sae_kit.config import SAEConfig
 from sae_kit.sae.base import SAE, register
@@ -48,12 +49,19 @@ class FeatureChoiceSAE(ZipfAuxMixin, SAE):
         acts = pre.relu()
         if not self.training:
             return SparseCodes.from_mask(acts, acts > self.threshold)
-        capacity = self.capacities(pre.shape[0]).to(pre.device)
+        capacity = self.capacities(data_parallel.global_rows(pre.shape[0])).to(pre.device)
         depth = int(capacity.max().item())
-        top_values, top_tokens = acts.topk(min(depth, pre.shape[0]), dim=0)  # [depth, d_sae]
-        rank = torch.arange(top_values.shape[0], device=pre.device)[:, None]
-        keep = (rank < capacity[None, :]) & (top_values > 0)
-        mask = torch.zeros_like(acts, dtype=torch.bool).scatter_(0, top_tokens, keep)
+        if data_parallel.active():  # each latent's top m_j over the global batch
+            top_values = data_parallel.global_column_top(acts.detach(), depth)
+        else:
+            top_values, top_tokens = acts.topk(min(depth, pre.shape[0]), dim=0)  # [depth, d_sae]
         cutoff_row = (capacity.clamp(max=top_values.shape[0]) - 1)[None, :]
-        self.observe_threshold(top_values.detach().gather(0, cutoff_row).squeeze(0).clamp_min(0), self.opts.threshold_beta)
+        cutoff = top_values.detach().gather(0, cutoff_row)
+        if data_parallel.active():
+            mask = (acts >= cutoff) & (acts > 0)
+        else:
+            rank = torch.arange(top_values.shape[0], device=pre.device)[:, None]
+            keep = (rank < capacity[None, :]) & (top_values > 0)
+            mask = torch.zeros_like(acts, dtype=torch.bool).scatter_(0, top_tokens, keep)
+        self.observe_threshold(cutoff.squeeze(0).clamp_min(0), self.opts.threshold_beta)
         return SparseCodes.from_mask(acts, mask)
