@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from sae_kit.config import ConfigError, load_config_file, parse_key_values
 
 # Flags that map one-to-one onto TrainConfig fields (dest name = field name).
 TRAIN_FLAGS = {
-    "activations": dict(help="activation store folder (from `sae-kit harvest` or `sae-kit store synth`)"),
+    "activations": dict(action="append", help="activation store folder (from `sae-kit harvest` or `sae-kit store synth`); "
+                        "repeat it to train one SAE per store into OUT/<store name>, spread over torchrun's ranks"),
     "model": dict(help="train straight from this model's activations, without a cache (with --hook)"),
     "hook": dict(help="hook name for --model, e.g. blocks.6.hook_resid_post"),
     "dataset": dict(help="text dataset for --model: 'default', a local file/folder, or a hub name"),
@@ -67,6 +69,8 @@ def train_config_from_args(args) -> "TrainConfig":
         value = getattr(args, dest)
         if value is not None:
             settings[dest] = value
+    if isinstance(settings.get("activations"), list) and len(settings["activations"]) == 1:
+        settings["activations"] = settings["activations"][0]
     if args.opt:
         settings["options"] = {**settings.get("options", {}), **parse_key_values(args.opt)}
     if settings.get("grad_clip") == 0:
@@ -83,7 +87,15 @@ def cmd_train(args) -> int:
         # A resumed run keeps its original settings; flags given now still override them.
         args.config = str(Path(args.out or TrainConfig.out) / "config.json")
     cfg = train_config_from_args(args)
+    if isinstance(cfg.activations, list):
+        from sae_kit.train.spread import train_spread
+
+        for run in train_spread(cfg, cfg.activations, resume=args.resume):
+            print(f"trained {run / 'sae'}")
+        return 0
     sae = train(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 reports
     out = Path(cfg.out)
     metrics = json.loads((out / "sae" / "eval.json").read_text())
     print(f"trained {sae.cfg.architecture} SAE ({sae.cfg.d_in} -> {sae.cfg.d_sae}) saved to {out / 'sae'}")

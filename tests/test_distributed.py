@@ -121,3 +121,21 @@ def test_one_process_helpers_are_identities():
     assert distributed.my_share(list("abcde"), spread) == ["b", "d"]
     with pytest.raises(Exception, match="not divisible"):
         distributed.check_batch_size(10, distributed.DistributedContext(world_size=4))
+
+
+def test_spread_mode_trains_one_sae_per_store_and_shares_them_out(store, tmp_path, monkeypatch):
+    from sae_kit.cli import main
+    from sae_kit.train.spread import spread_configs
+
+    second = write_store(tmp_path / "stores" / "blocks.1.hook_resid_post", store.read(0, 3000))
+    args = ["train", "--activations", str(store.directory), "--activations", str(second.directory),
+            "--out", str(tmp_path / "runs"), "--d-sae", "64", "--k", "4", "--batch-size", "128", "--tokens", "512",
+            "--eval-tokens", "128", "--threads", "1", "--no-progress"]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank 1 of 2 takes the second store only, with no process group
+    assert main(args) == 0
+    assert not (tmp_path / "runs" / "acts").exists()
+    assert load_sae(tmp_path / "runs" / "blocks.1.hook_resid_post" / "sae").cfg.d_sae == 64
+    cfg = TrainConfig(out=str(tmp_path / "x"))
+    with pytest.raises(Exception, match="share a folder name"):
+        spread_configs(cfg, [str(tmp_path / "a" / "s"), str(tmp_path / "b" / "s")])

@@ -153,12 +153,12 @@ def source_metadata(source: Any) -> dict[str, Any]:
 class Trainer:
     """Trains one SAE on a batch source; ``run()`` returns the trained SAE (also saved to ``out/sae``)."""
 
-    def __init__(self, cfg: TrainConfig, source: BatchSource, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, source: BatchSource, resume: bool = False, data_parallel: bool = True):
         self.cfg = cfg
         self.source = source
         self.run_dir = Path(cfg.out)
         # torchrun: data-parallel over its ranks (see distributed.py); otherwise one process.
-        self.dist = distributed.setup()
+        self.dist = distributed.setup() if data_parallel else distributed.DistributedContext()
         distributed.check_batch_size(cfg.batch_size, self.dist)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -328,10 +328,12 @@ def source_from_config(cfg: TrainConfig) -> BatchSource:
     return ActivationStore(cfg.activations)
 
 
-def train(cfg: TrainConfig, source: BatchSource | None = None, resume: bool = False) -> SAE:
-    """Train from a TrainConfig; without a source, ``cfg.activations`` names an activation store."""
+def train(cfg: TrainConfig, source: BatchSource | None = None, resume: bool = False, data_parallel: bool = True) -> SAE:
+    """Train from a TrainConfig; without a source, ``cfg.activations`` names an activation store.
+
+    Under torchrun the ranks train this one SAE data-parallel unless ``data_parallel`` is False."""
     if source is None:
         source = source_from_config(cfg)
     if not math.isfinite(cfg.tokens):
         raise ConfigError("tokens must be finite")
-    return Trainer(cfg, source, resume=resume).run()
+    return Trainer(cfg, source, resume=resume, data_parallel=data_parallel).run()
