@@ -152,7 +152,8 @@ def cmd_harvest(args) -> int:
     cfg = HarvestConfig(out=args.out, hooks=args.hook, model=args.model, dataset=args.dataset, split=args.split,
                         column=args.column, tokens=args.tokens, context=args.context, batch_size=args.batch_size,
                         prepend_bos=not args.no_bos, skip_bos=not args.keep_bos, dtype=args.dtype,
-                        shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress)
+                        shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress,
+                        part=args.part, parts=args.parts)
     for hook, store in harvest(cfg).items():
         print(f"{hook}: {store.n_tokens} rows of d_in={store.d_in} ({store.dtype}) in {store.directory}")
     return 0
@@ -178,6 +179,14 @@ def cmd_store_synth(args) -> int:
     dataset = make_dataset(args.dataset, seed=args.seed, **overrides)
     store = write_synthetic_store(args.out, dataset, tokens=args.tokens, seed=args.seed, dtype=args.dtype)
     print(f"wrote {store.n_tokens} tokens of d_in={store.d_in} ({args.dataset}) to {args.out}")
+    return 0
+
+
+def cmd_store_join(args) -> int:
+    from sae_kit.store_join import join_stores
+
+    store = join_stores(args.parts, args.out, verify=args.verify)
+    print(f"joined {len(args.parts)} parts: {store.n_tokens} rows of {store.hook_name} in {store.directory}")
     return 0
 
 
@@ -244,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="folder: one store per hook in OUT/<hook>/")
+    p.add_argument("--part", type=int, default=0, help="parallel harvest: this job's part, 0..PARTS-1")
+    p.add_argument("--parts", type=int, default=1,
+                   help="parallel harvest: split the --tokens rows into PARTS contiguous parts (join them with `store join`)")
 
     from sae_kit.demo import DemoConfig
 
@@ -273,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
+    p = store.add_parser("join", help="one store from the parts of a parallel harvest (`harvest --part I --parts N`)")
+    p.add_argument("parts", nargs="+", help="the part stores of one hook, in any order")
+    p.add_argument("--out", required=True, help="the joined store's folder (shards are hard-linked when possible)")
+    p.add_argument("--verify", action="store_true", help="check every part shard's sha256 first")
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("synthetic", help="planted-feature recovery of every architecture")
     p.add_argument("--dataset", nargs="+", default=["all"], choices=("all", *DATASET_NAMES))
@@ -294,6 +311,7 @@ COMMANDS = {
     ("harvest",): cmd_harvest,
     ("demo",): cmd_demo,
     ("store", "synth"): cmd_store_synth,
+    ("store", "join"): cmd_store_join,
     ("bench", "synthetic"): cmd_bench_synthetic,
     ("export",): cmd_export,
     ("import",): cmd_import,
