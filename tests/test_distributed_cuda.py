@@ -3,7 +3,6 @@ evaluation and checkpoints from the GPU) trains the same SAEs as one CPU process
 a one-rank NCCL group with the collectives forced on. Skipped where there is no CUDA."""
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest

@@ -61,6 +61,7 @@ SAELENS_EXPORTS = [("topk", {}), ("relu", {}), ("abstopk", {}), ("batchtopk", {}
 def test_saelens_loads_our_export_and_reconstructs_the_same(tmp_path, architecture, options):
     ours = make_sae(architecture, options=options)
     export_sae(ours, tmp_path / "exported", "saelens")
+    assert (tmp_path / "exported" / SIDECAR_STATE).is_file()
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "exported"))
     x = inputs()
     with torch.no_grad():
