@@ -275,3 +275,7 @@ def test_the_export_and_import_commands(tmp_path, capsys):
     assert_same_sae(load_sae(tmp_path / "back"), load_sae(tmp_path / "sae"))
     assert main(["export", "--format", "sparsify", str(tmp_path / "sae"), str(tmp_path / "sp")]) == 2
     assert "sparsify cannot express a 'batchtopk'" in capsys.readouterr().err
+    before = (tmp_path / "back" / "sae_weights.safetensors").read_bytes()
+    assert main(["import", "--format", "saelens", str(tmp_path / "sl"), str(tmp_path / "back")]) == 2
+    assert "already holds an SAE" in capsys.readouterr().err
+    assert (tmp_path / "back" / "sae_weights.safetensors").read_bytes() == before

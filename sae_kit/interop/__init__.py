@@ -16,12 +16,18 @@ IMPORT_FORMATS = {"saelens": saelens.load, "sparsify": sparsify.load, "openai": 
 __all__ = ["EXPORT_FORMATS", "IMPORT_FORMATS", "FormatError", "export_sae", "import_sae", "load_foreign"]
 
 
+def refuse_to_overwrite(out: Path) -> None:
+    if (out / "cfg.json").exists():
+        raise FileExistsError(f"{out} already holds an SAE (cfg.json); write to a new folder or delete it first")
+
+
 def export_sae(sae: SAE | str | Path, out: str | Path, format: str, sidecar: bool = True) -> Path:
     """Write ``sae`` (or the SAE folder it names) to ``out`` in ``format``; refuses what it cannot express."""
     if format not in EXPORT_FORMATS:
         raise FormatError(f"unknown export format {format!r}; choose one of {sorted(EXPORT_FORMATS)}")
     if not isinstance(sae, SAE):
         sae = load_sae(sae)
+    refuse_to_overwrite(Path(out))
     return EXPORT_FORMATS[format](sae, Path(out), sidecar=sidecar)
 
 
@@ -35,6 +41,7 @@ def load_foreign(path: str | Path, format: str) -> tuple[SAE, list[str]]:
 
 def import_sae(path: str | Path, out: str | Path, format: str) -> tuple[SAE, list[str]]:
     """Convert a checkpoint in ``format`` to an sae-kit SAE folder at ``out`` (cfg.json + weights)."""
+    refuse_to_overwrite(Path(out))
     sae, notes = load_foreign(path, format)
     sae.save(out)
     return sae, notes
