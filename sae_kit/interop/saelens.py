@@ -9,9 +9,11 @@ Export (ours → SAELens), inference-exact:
   SAELens computes relu(u)·1[u > θ], ours keeps relu(u) where relu(u) > θ, the same for every θ;
 - ``gba`` → ``jumprelu`` with b_enc = 0, θ = −b·a and W_enc scaled by the per-latent scale a
   (the gate y0 > −b is y0·a > −b·a when a > 0; refused otherwise).
+Our ``unit_norm`` inputs become SAELens' ``constant_norm_rescale`` (norm sqrt(d_in) instead of 1) with
+the weights rescaled to match (common.rescale_normalized_space; the latents are the same).
 Refused: ``topafa`` (a per-token k from the input norm), batch-level ``abstopk`` (a signed global
-threshold on |u|), and our ``unit_norm`` / ``layer_norm`` input normalisation (SAELens' layer norm
-uses the unbiased std and a differently placed epsilon, and it has no unit-norm mode).
+threshold on |u|), and our ``layer_norm`` inputs (SAELens' layer norm uses the unbiased std and a
+differently placed epsilon).
 
 Import (SAELens → ours): ``topk`` (decoder-norm rescaling folded into the weights), ``standard``
 (ReLU) → ``relu``, ``jumprelu`` → ``batchtopk`` holding the JumpReLU thresholds (inference is the
@@ -57,11 +59,10 @@ THRESHOLD_ARCHITECTURES = ("batchtopk", "mutual_choice", "feature_choice")
 def export_config_and_tensors(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     cfg = sae.cfg
     arch = cfg.architecture
-    if cfg.normalize_activations != "none":
+    if cfg.normalize_activations == "layer_norm":
         raise FormatError(
-            f"SAELens cannot express this SAE's {cfg.normalize_activations!r} input normalisation exactly "
-            "(SAELens' layer_norm divides by the unbiased std with the epsilon placed differently, and it has no "
-            "per-token unit-norm mode); train with --normalize none to export to SAELens")
+            "SAELens cannot express this SAE's layer_norm input normalisation exactly (SAELens divides by the "
+            "unbiased std and places the epsilon differently); train with --normalize none or unit_norm to export")
     base = {name: getattr(sae, name).detach().clone() for name in ("W_dec", "b_dec")}
     base["W_enc"] = sae.encoder_weight().detach().clone()
     base["b_enc"] = sae.b_enc.detach().clone()
@@ -90,9 +91,14 @@ def export_config_and_tensors(sae: SAE) -> tuple[dict[str, Any], dict[str, torch
     else:
         raise FormatError(f"SAELens has no architecture that computes a {arch!r} SAE's inference rule; "
                           "exportable: topk, relu, abstopk (token), batchtopk, mutual_choice, feature_choice, gba")
+    normalize = "none"
+    if cfg.normalize_activations == "unit_norm":
+        # SAELens' constant_norm_rescale scales inputs to norm sqrt(d_in) where ours scales to 1.
+        normalize = "constant_norm_rescale"
+        base = rescale_normalized_space(base, 1 / math.sqrt(cfg.d_in))
     metadata = {**cfg.metadata, "sae_lens_version": FORMAT_VERSION}
     config = {"architecture": saelens_arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype,
-              "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+              "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": normalize,
               "reshape_activations": "none", "metadata": metadata, **extra}
     return config, {name: t.contiguous() for name, t in base.items()}
 
