@@ -13,8 +13,9 @@ from sae_kit.interop import FormatError, export_sae, import_sae, load_foreign
 from sae_kit.interop.common import SIDECAR_CONFIG, SIDECAR_STATE
 from sae_kit.sae import create_sae, load_sae
 
-sae_lens = pytest.importorskip("sae_lens")
-sparsify = pytest.importorskip("sparsify")
+# The real libraries (dev extra), imported plainly: CI must fail, not skip, without them.
+import sae_lens  # noqa: E402
+import sparsify  # noqa: E402
 
 D_IN, D_SAE = 16, 64
 
