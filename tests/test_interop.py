@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -14,8 +15,10 @@ from sae_kit.interop.common import SIDECAR_CONFIG, SIDECAR_STATE
 from sae_kit.sae import create_sae, load_sae
 
 # The real libraries (dev extra), imported plainly: CI must fail, not skip, without them.
-import sae_lens  # noqa: E402
-import sparsify  # noqa: E402
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # sae_lens imports transformer_lens.utils
+    import sae_lens
+    import sparsify
 
 D_IN, D_SAE = 16, 64
 
