@@ -3,10 +3,11 @@
 A converter turns a foreign checkpoint into a ``Converted`` (our cfg.json dict + our tensors), and
 one of our SAEs into the foreign files. Foreign formats hold only the inference weights, so an
 export also writes a sidecar, ``sae_kit.json`` (our cfg.json) and ``sae_kit_state.safetensors``
-(the training state the format has no place for: dead-latent counters, EMA weights, GBA's
-buffers...). Foreign tools ignore both files; ``import`` uses them only after checking that the
-foreign weights beside them are still exactly what the sidecar's SAE exports to, so an export
-followed by an import gives back the same SAE bit for bit.
+(our whole state, with what the format has no place for: dead-latent counters, EMA weights, GBA's
+buffers, and the weights before any rescaling the format needed). Foreign tools ignore both files;
+``import`` uses them only after checking that the foreign weights beside them are still exactly
+what the sidecar's SAE exports to, so an export followed by an import gives back the same SAE bit
+for bit.
 """
 from __future__ import annotations
 
