@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from sae_kit import data_parallel
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig, parse_options
 from sae_kit.fileio import atomic_write
@@ -261,8 +262,8 @@ class SAE(nn.Module):
     # ------------------------------------------------------- dead-latent stats
     @torch.no_grad()
     def update_fire_stats(self, codes: SparseCodes) -> None:
-        self.tokens_since_fired += codes.batch_size
-        self.tokens_since_fired[codes.fired()] = 0
+        self.tokens_since_fired += data_parallel.global_rows(codes.batch_size)
+        self.tokens_since_fired[data_parallel.global_fired(codes.fired())] = 0
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens_threshold
@@ -290,9 +291,16 @@ class SAE(nn.Module):
         smallest selected score feeds the threshold EMA), ``score > threshold`` at inference."""
         if not self.training:
             return SparseCodes.from_mask(values, score > self.threshold)
-        rows, cols = batch_top_entries(score.detach(), self.cfg.k * score.shape[0])
-        if rows.numel():
-            self.observe_threshold(score.detach()[rows, cols].min(), self.opts.threshold_beta)
+        total = self.cfg.k * data_parallel.global_rows(score.shape[0])
+        if data_parallel.active():  # the global batch's top k·B: the entries at or above its k·B-th largest
+            cutoff = data_parallel.global_kth_largest(score.detach(), total)
+            rows, cols = ((score.detach() >= cutoff) & (score.detach() > 0)).nonzero(as_tuple=True)
+        else:
+            rows, cols = batch_top_entries(score.detach(), total)
+        smallest = score.detach()[rows, cols].min() if rows.numel() else score.new_tensor(float("inf"))
+        smallest = data_parallel.all_min(smallest)
+        if torch.isfinite(smallest):
+            self.observe_threshold(smallest, self.opts.threshold_beta)
         return SparseCodes.from_coordinates(values, rows, cols)
 
     # ----------------------------------------------------------- training hooks
@@ -407,7 +415,7 @@ def auxiliary_reconstruction_loss(
         values = values.relu()
     target = residual.detach()
     estimate = sparse_decode(indices, values, W_dec)
-    baseline = (target - target.mean(0)).pow(2).sum(1).mean()
+    baseline = data_parallel.batch_variance(target)
     loss = (estimate - target).pow(2).sum(1).mean() / baseline
     return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
 
