@@ -111,7 +111,15 @@ def step_table(args, device: str) -> None:
 
             paths[name] = ours
         try:
-            from sparsify import SparseCoder, SparseCoderConfig
+            # sparsify wraps its forward in bf16 autocast when the GPU supports it, decided when
+            # the module is imported; hide bf16 support then for a like-for-like fp32 comparison.
+            real_check = torch.cuda.is_bf16_supported
+            if not args.sparsify_bf16:
+                torch.cuda.is_bf16_supported = lambda *a, **k: False
+            try:
+                from sparsify import SparseCoder, SparseCoderConfig
+            finally:
+                torch.cuda.is_bf16_supported = real_check
         except ImportError:
             print("(sparsify not installed: its rows are skipped)")
         else:
@@ -143,6 +151,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--copy-mib", type=int, default=1024)
+    parser.add_argument("--sparsify-bf16", action="store_true", help="let sparsify use its bf16 autocast (default: fp32 like ours)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_kernels.py needs a CUDA device (use --device cpu with TRITON_INTERPRET=1 for a smoke test)")
