@@ -83,7 +83,11 @@ def broadcast_state(module: torch.nn.Module, ctx: DistributedContext) -> None:
     """Copy rank 0's parameters and buffers to every rank."""
     if ctx.enabled:
         for tensor in module.state_dict().values():
-            dist.broadcast(tensor, src=0)
+            # NCCL sends only contiguous tensors; W_enc keeps the decoder-major layout of the tied init.
+            sent = tensor if tensor.is_contiguous() else tensor.contiguous()
+            dist.broadcast(sent, src=0)
+            if sent is not tensor:
+                tensor.copy_(sent)
 
 
 def average_gradients(parameters: list[torch.nn.Parameter], ctx: DistributedContext) -> None:
