@@ -12,8 +12,8 @@ time each), so machine load hits them alike:
   sparsify        EleutherAI sparsify's SparseCoder forward (fvu + auxk), without / with AuxK
   batchtopk, mutual_choice, feature_choice   sae-kit's other selection rules (against ours)
 
-Peak memory: each path again in a fresh process: the resident-set high-water mark of one step
-minus the resident set before it (weights and data excluded), in MiB.
+Peak memory: each path again in a fresh process: the resident-set high-water mark of two steps
+minus the resident set before them (weights and data excluded), in MiB.
 
     python benchmarks/train_step.py [--latents 16384 24576 --k 32 --tokens 4096 --repeats 3]
 """
@@ -139,13 +139,14 @@ def status_kib(field: str) -> int:
 
 
 def probe_memory(args) -> None:
-    """One path in this (fresh) process: print the step's peak RSS above the RSS before it, MiB."""
+    """One path in this (fresh) process: the peak RSS of two steps above the RSS before the first,
+    MiB, so buffers a path keeps between steps (our pre-activation buffer) count like temporaries."""
     x = synthetic(args.tokens, args.d_in, args.seed)
     run = make_paths([args.memory_probe], x, args.latents[0], args.k, args.seed)[args.memory_probe]
-    run()  # first step: lazily created state, allocator warm-up
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     before = status_kib("VmRSS")
+    run()
     run()
     print((status_kib("VmHWM") - before) / 1024)
 
