@@ -275,7 +275,11 @@ def test_hub_probe_is_bounded_even_if_the_connection_hangs(monkeypatch):
 
     from sae_kit import hub
 
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    def hang(*args, **kwargs):
+        time.sleep(30)
+        raise OSError("connection timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
     start = time.monotonic()
     assert hub.hub_reachable(timeout=0.2) is False
     assert time.monotonic() - start < 1.5
