@@ -61,11 +61,19 @@ def _triton_usable() -> bool:
     return True
 
 
+def _inside_torch_func() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _backend(backend: str | None, tensor: torch.Tensor) -> str:
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
         return backend
+    if _inside_torch_func():
+        # torch.func transforms (plugins' per-source gradients) cannot wrap the sparse-layout
+        # tensors of the sparse backwards; the dense reference gives the same values and gradients.
+        return "reference"
     return "triton" if tensor.is_cuda and _triton_usable() else "torch"
 
 

@@ -93,11 +93,16 @@ def embedding_sum(indices: torch.Tensor, table: torch.Tensor, weights: torch.Ten
     return F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
 
 
+# The Functions separate forward from setup_context so torch.func transforms (grad, vmap'd
+# sketches in plugins) can run through a training step.
 class SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(indices, values, weight)
+    def forward(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return embedding_sum(indices, weight, values)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -136,11 +141,14 @@ def dense_pre_activations(
 
 class GatherPreActivations(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, pre, indices):
+    def forward(x_c, W_enc, b_enc, pre, indices):
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x_c, W_enc, b_enc, _pre, indices = inputs
         ctx.save_for_backward(x_c, W_enc, indices)
         ctx.b_enc_dtype = b_enc.dtype
-        ctx.mark_non_differentiable(pre)
-        return pre.gather(1, indices)
 
     @staticmethod
     def backward(ctx, grad_values):

@@ -157,9 +157,12 @@ def decode_grad_weight(
 
 class TritonSparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, indices, values, weight):
-        ctx.save_for_backward(indices, values, weight)
+    def forward(indices, values, weight):
         return decode_forward(indices, values, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -180,11 +183,14 @@ def sparse_decode_triton(indices: torch.Tensor, values: torch.Tensor, weight: to
 
 class TritonGatherPreActivations(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, pre, indices):
+    def forward(x_c, W_enc, b_enc, pre, indices):
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x_c, W_enc, b_enc, _pre, indices = inputs
         ctx.save_for_backward(x_c, W_enc, indices)
         ctx.b_enc_dtype = b_enc.dtype
-        ctx.mark_non_differentiable(pre)
-        return pre.gather(1, indices)
 
     @staticmethod
     def backward(ctx, grad_values):
