@@ -159,6 +159,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from sae_kit.analysis import AnalyzeConfig, analyze_sae_folder
+
+    cfg = AnalyzeConfig(dataset=args.dataset, split=args.split, context=args.context, tokens=args.tokens,
+                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    analyze_sae_folder(args.sae, cfg, model_name=args.model, hook=args.hook, out=args.out)
+    return 0
+
+
 def cmd_store_synth(args) -> int:
     from sae_kit.eval.synthetic import make_dataset, write_synthetic_store
 
@@ -203,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="default", help="text for the in-model evaluation (its held-out split)")
     p.add_argument("--context", type=int, default=None, help="context window (default: the SAE's context_size)")
     p.add_argument("--text-tokens", type=int, default=8192, help="tokens of text for the in-model evaluation")
+
+    from sae_kit.analysis import AnalyzeConfig
+
+    a = AnalyzeConfig()
+    p = sub.add_parser("analyze", help="per-feature statistics and examples on held-out text, into SQLite")
+    p.add_argument("sae", help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--model", help="model to run (default: the model_name in the SAE's cfg.json)")
+    p.add_argument("--hook", help="hook the SAE reads (default: the SAE's hook_name)")
+    p.add_argument("--dataset", default=a.dataset, help="'default' (bundled corpus), a local file/folder, or a hub name")
+    p.add_argument("--split", default=a.split)
+    p.add_argument("--tokens", type=int, default=a.tokens, help="token positions to analyse")
+    p.add_argument("--context", type=int, default=a.context, help="tokens per window")
+    p.add_argument("--batch-size", type=int, default=a.batch_size, help="windows per forward pass")
+    p.add_argument("--seed", type=int, default=a.seed, help="seed of the quantile samples")
+    p.add_argument("--out", help="feature store file (default: SAE_FOLDER/features.sqlite)")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("harvest", help="cache a model's activations at one or more hooks")
     p.add_argument("--model", default="smollm2", help="smollm2 (embedded default), gpt2..., or a local HF model folder")
@@ -265,6 +290,7 @@ COMMANDS = {
     ("eval",): cmd_eval,
     ("harvest",): cmd_harvest,
     ("demo",): cmd_demo,
+    ("analyze",): cmd_analyze,
     ("store", "synth"): cmd_store_synth,
     ("bench", "synthetic"): cmd_bench_synthetic,
 }
