@@ -168,6 +168,16 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from sae_kit.server.app import run
+
+    run(args.root, host=args.host, port=args.port, model_name=args.model, threads=args.threads,
+        api_token=os.environ.get(args.token_env) if args.token_env else None)
+    return 0
+
+
 def cmd_store_synth(args) -> int:
     from sae_kit.eval.synthetic import make_dataset, write_synthetic_store
 
@@ -228,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=a.seed, help="seed of the quantile samples")
     p.add_argument("--out", help="feature store file (default: SAE_FOLDER/features.sqlite)")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("serve", help="REST API and web UI over the SAE folders under a folder")
+    p.add_argument("root", help="folder holding SAE folders (e.g. runs/demo); only files under it are served")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="model for every SAE (default: the model_name in each SAE's cfg.json)")
+    p.add_argument("--token-env", default="SAE_KIT_API_TOKEN",
+                   help="environment variable holding the API token that POST /api/steer requires (unset: open)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     p = sub.add_parser("harvest", help="cache a model's activations at one or more hooks")
     p.add_argument("--model", default="smollm2", help="smollm2 (embedded default), gpt2..., or a local HF model folder")
@@ -291,6 +310,7 @@ COMMANDS = {
     ("harvest",): cmd_harvest,
     ("demo",): cmd_demo,
     ("analyze",): cmd_analyze,
+    ("serve",): cmd_serve,
     ("store", "synth"): cmd_store_synth,
     ("bench", "synthetic"): cmd_bench_synthetic,
 }
