@@ -7,9 +7,9 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 
 from .deps import analysed_sae, registry, served_sae
 from .registry import Registry
-from .schemas import ID_PATTERN, ErrorResponse, Feature, FeaturePage, HookInfo, ModelInfo, SAEInfo
+from .schemas import ID_PATTERN, error_responses, Feature, FeaturePage, HookInfo, ModelInfo, SAEInfo
 
-router = APIRouter(prefix="/api", tags=["catalog"], responses={404: {"model": ErrorResponse}})
+router = APIRouter(prefix="/api", tags=["catalog"], responses=error_responses(404, 422))
 SAE_ID = Path(pattern=ID_PATTERN, description="SAE id, as listed by GET /api/saes")
 
 

@@ -182,4 +182,11 @@ class SteerResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    detail: str
+    """Every 4xx answer: a sentence saying what is wrong and what to do."""
+
+    detail: str = Field(description="what is wrong and what to do")
+    errors: Optional[list[dict]] = Field(default=None, description="for invalid requests: each problem found")
+
+
+def error_responses(*codes: int) -> dict:
+    return {code: {"model": ErrorResponse} for code in codes}

@@ -6,11 +6,9 @@ from fastapi import APIRouter, Depends, HTTPException
 from sae_kit.steering import SteeringFeature, steer as steer_prompt
 from .deps import model_turn, registry, served_sae, steering_token
 from .registry import Registry
-from .schemas import ErrorResponse, SteerRequest, SteerResponse
+from .schemas import SteerRequest, SteerResponse, error_responses
 
-router = APIRouter(prefix="/api", tags=["steering"],
-                   responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                              422: {"model": ErrorResponse}})
+router = APIRouter(prefix="/api", tags=["steering"], responses=error_responses(400, 401, 404, 413, 422))
 
 
 @router.post("/steer", response_model=SteerResponse, dependencies=[Depends(steering_token)])

@@ -6,10 +6,9 @@ from fastapi import APIRouter, Depends, HTTPException
 from sae_kit.text_features import encode_text, feature_values, per_token_top, top_over_text
 from .deps import model_turn, registry, served_sae
 from .registry import Registry
-from .schemas import EncodeRequest, EncodeResponse, ErrorResponse, SearchResponse, TextRequest
+from .schemas import EncodeRequest, EncodeResponse, error_responses, SearchResponse, TextRequest
 
-router = APIRouter(prefix="/api", tags=["text"], responses={404: {"model": ErrorResponse},
-                                                            422: {"model": ErrorResponse}})
+router = APIRouter(prefix="/api", tags=["text"], responses=error_responses(400, 404, 413, 422))
 
 
 def _encode(reg: Registry, sae_id: str, text: str):

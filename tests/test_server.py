@@ -8,13 +8,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from sae_kit.analysis import AnalyzeConfig, analyze
 from sae_kit.feature_store import FeatureStore
 from sae_kit.models import load_model
 from sae_kit.sae import load_sae
 from sae_kit.server.app import Limits, create_app
 from sae_kit.text_features import encode_text
-from tiny_served import D_SAE, HOOK, write_tiny_model, write_tiny_sae
+from tiny_served import D_SAE, HOOK, build_served_root
 
 TOKEN = "s3cret-token"
 STEER = {"prompt": "Now is the winter of our discontent", "features": [{"sae": "saes.main", "index": 7, "strength": 60}],
@@ -23,13 +22,7 @@ STEER = {"prompt": "Now is the winter of our discontent", "features": [{"sae": "
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    write_tiny_model(root / "model")
-    write_tiny_sae(root / "saes" / "main", str(root / "model"))
-    write_tiny_sae(root / "saes" / "fresh", str(root / "model"), seed=1)  # never analysed
-    analyze(load_sae(root / "saes" / "main"), load_model(str(root / "model")),
-            AnalyzeConfig(tokens=512, context=32, progress=False), sae_path=root / "saes" / "main")
-    return root
+    return build_served_root(tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")

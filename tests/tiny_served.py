@@ -40,3 +40,17 @@ def write_tiny_sae(directory: Path, model_name: str, seed: int = 0) -> Path:
     with torch.no_grad():
         sae.b_enc.fill_(0.05)  # a positive bias: most features fire somewhere on a short text
     return sae.save(directory)
+
+
+def build_served_root(root: Path, analysis_tokens: int = 512) -> Path:
+    """``root/model`` (the tiny model), ``root/saes/main`` (analysed) and ``root/saes/fresh`` (not analysed)."""
+    from sae_kit.analysis import AnalyzeConfig, analyze
+    from sae_kit.models import load_model
+    from sae_kit.sae import load_sae
+
+    write_tiny_model(root / "model")
+    write_tiny_sae(root / "saes" / "main", str(root / "model"))
+    write_tiny_sae(root / "saes" / "fresh", str(root / "model"), seed=1)
+    analyze(load_sae(root / "saes" / "main"), load_model(str(root / "model")),
+            AnalyzeConfig(tokens=analysis_tokens, context=32, progress=False), sae_path=root / "saes" / "main")
+    return root
