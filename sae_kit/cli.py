@@ -151,11 +151,17 @@ def cmd_demo(args) -> int:
 
     cfg = DemoConfig(out=args.out, model=args.model, layer=args.layer, dataset=args.dataset, tokens=args.tokens,
                      context=args.context, expansion=args.expansion, k=args.k, batch_size=args.batch_size,
-                     epochs=args.epochs, eval_tokens=args.eval_tokens, threads=args.threads,
-                     progress=not args.no_progress)
+                     epochs=args.epochs, eval_tokens=args.eval_tokens, analyze_tokens=args.analyze_tokens,
+                     threads=args.threads, progress=not args.no_progress)
     summary = run_demo(cfg)
     print(format_summary(summary))
-    print(f"everything is in {cfg.out} (summary.json, train/report.html)")
+    print(f"everything is in {cfg.out} (summary.json, train/report.html, train/sae/features.sqlite)")
+    if args.no_serve:
+        print(f"browse the features with: sae-kit serve {cfg.out}")
+        return 0
+    from sae_kit.server.app import run
+
+    run(cfg.out, host=args.host, port=args.port, threads=args.threads)
     return 0
 
 
@@ -280,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--epochs", type=int, default=d.epochs, help="training passes over the harvested rows")
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out text tokens for CE-loss recovered")
+    p.add_argument("--analyze-tokens", type=int, default=d.analyze_tokens, help="held-out text tokens for feature analysis")
+    p.add_argument("--no-serve", action="store_true", help="stop after the analysis instead of serving the browser")
+    p.add_argument("--host", default="127.0.0.1", help="where to serve the feature browser")
+    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
 
