@@ -8,6 +8,7 @@ COPY pyproject.toml README.md ./
 COPY sae_kit ./sae_kit
 COPY kernels ./kernels
 COPY server ./server
+COPY frontend ./frontend
 COPY scripts ./scripts
 RUN python -m pip install --no-cache-dir "${TORCH_SPEC}" \
  && python -m pip install --no-cache-dir . \

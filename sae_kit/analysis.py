@@ -96,7 +96,6 @@ def analyze(sae, model, cfg: AnalyzeConfig, out: str | Path | None = None, *, ho
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: the folder {out.parent} does not exist")
     sae.eval()
-    started = time.perf_counter()
     windows, indices, values, n_tokens = _encode_heldout(sae, model, hook, cfg)
     meta = {"sae": str(sae_path) if sae_path is not None else None, "model": model.name, "hook": hook,
             "dataset": cfg.dataset, "split": cfg.split, "context": int(windows.shape[1]),
@@ -104,9 +103,6 @@ def analyze(sae, model, cfg: AnalyzeConfig, out: str | Path | None = None, *, ho
             "architecture": sae.cfg.architecture, "histogram_bins": cfg.histogram_bins, "config": asdict(cfg),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write(out, lambda temp: _write_store(temp, meta, sae, model, cfg, windows, indices, values))
-    if cfg.progress:
-        print(f"analysed {sae.cfg.d_sae} features on {meta['n_tokens']} tokens in "
-              f"{time.perf_counter() - started:.1f}s -> {out}")
     return out
 
 

@@ -167,10 +167,17 @@ def cmd_demo(args) -> int:
 
 def cmd_analyze(args) -> int:
     from sae_kit.analysis import AnalyzeConfig, analyze_sae_folder
+    from sae_kit.feature_store import FeatureStore
 
     cfg = AnalyzeConfig(dataset=args.dataset, split=args.split, context=args.context, tokens=args.tokens,
                         batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
-    analyze_sae_folder(args.sae, cfg, model_name=args.model, hook=args.hook, out=args.out)
+    import time
+
+    started = time.perf_counter()
+    path = analyze_sae_folder(args.sae, cfg, model_name=args.model, hook=args.hook, out=args.out)
+    meta = FeatureStore(path).meta
+    print(f"analysed {meta['d_sae']} features on {meta['n_tokens']} tokens of {meta['dataset']} ({meta['split']}) "
+          f"in {time.perf_counter() - started:.1f}s -> {path}")
     return 0
 
 

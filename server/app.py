@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -16,22 +15,14 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import catalog, steer, text
-from .registry import Registry
+from .registry import Limits, Registry
 
 FRONTEND_SPEC = "sae_kit.frontend"
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 64 * 1024
-    max_prompt_tokens: int = 256
-    max_text_tokens: int = 512
-
-
 def create_app(root: str | Path, *, model_name: str | None = None, api_token: str | None = None,
                limits: Limits = Limits(), device: str = "cpu") -> FastAPI:
-    registry = Registry(root, model_name=model_name, device=device)
-    registry.limits = limits
+    registry = Registry(root, model_name=model_name, device=device, limits=limits)
     app = FastAPI(title="sae-kit", version="0.1.0",
                   description="Browse SAE features, find the features a text activates, and steer generation.")
     app.state.registry = registry

@@ -23,6 +23,15 @@ from sae_kit.sae.base import CONFIG_FILE, WEIGHTS_FILE
 MAX_DEPTH = 4
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for beyond the schema's own bounds (which do not depend on the model)."""
+
+    max_body_bytes: int = 64 * 1024
+    max_prompt_tokens: int = 256
+    max_text_tokens: int = 512
+
+
 @dataclass
 class ServedModel:
     id: str
@@ -56,10 +65,12 @@ class ServedSAE:
 
 
 class Registry:
-    def __init__(self, root: str | Path, *, model_name: str | None = None, device: str = "cpu"):
+    def __init__(self, root: str | Path, *, model_name: str | None = None, device: str = "cpu",
+                 limits: Limits = Limits()):
         from sae_kit.models import load_model
         from sae_kit.sae import load_sae
 
+        self.limits = limits
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"cannot serve {root}: no such folder")
