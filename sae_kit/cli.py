@@ -173,6 +173,10 @@ def cmd_analyze(args) -> int:
                         batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
     import time
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     path = analyze_sae_folder(args.sae, cfg, model_name=args.model, hook=args.hook, out=args.out)
     meta = FeatureStore(path).meta
@@ -250,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=a.batch_size, help="windows per forward pass")
     p.add_argument("--seed", type=int, default=a.seed, help="seed of the quantile samples")
     p.add_argument("--out", help="feature store file (default: SAE_FOLDER/features.sqlite)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("serve", help="REST API and web UI over the SAE folders under a folder")
