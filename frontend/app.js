@@ -51,6 +51,11 @@ function shownToken(token) {
   return token.replace(/\n/g, "↵\n") || "∅";
 }
 
+// A token on one line (in pills and tables).
+function tokenLabel(token) {
+  return token.replace(/\n/g, "↵").replace(/\t/g, "⇥") || "∅";
+}
+
 // One span per token, background by activation relative to `scale`.
 function tokenSpans(tokens, values, scale, maxIndex = -1) {
   const line = el("div", {class: "example"});
