@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from sae_kit.config import ConfigError, load_config_file, parse_key_values
 
 # Flags that map one-to-one onto TrainConfig fields (dest name = field name).
 TRAIN_FLAGS = {
-    "activations": dict(help="activation store folder (from `sae-kit harvest` or `sae-kit store synth`)"),
+    "activations": dict(action="append", help="activation store folder (from `sae-kit harvest` or `sae-kit store synth`); "
+                        "repeat it to train one SAE per store into OUT/<store name>, spread over torchrun's ranks"),
     "model": dict(help="train straight from this model's activations, without a cache (with --hook)"),
     "hook": dict(help="hook name for --model, e.g. blocks.6.hook_resid_post"),
     "dataset": dict(help="text dataset for --model: 'default', a local file/folder, or a hub name"),
@@ -67,6 +69,8 @@ def train_config_from_args(args) -> "TrainConfig":
         value = getattr(args, dest)
         if value is not None:
             settings[dest] = value
+    if isinstance(settings.get("activations"), list) and len(settings["activations"]) == 1:
+        settings["activations"] = settings["activations"][0]
     if args.opt:
         settings["options"] = {**settings.get("options", {}), **parse_key_values(args.opt)}
     if settings.get("grad_clip") == 0:
@@ -83,7 +87,15 @@ def cmd_train(args) -> int:
         # A resumed run keeps its original settings; flags given now still override them.
         args.config = str(Path(args.out or TrainConfig.out) / "config.json")
     cfg = train_config_from_args(args)
+    if isinstance(cfg.activations, list):
+        from sae_kit.train.spread import train_spread
+
+        for run in train_spread(cfg, cfg.activations, resume=args.resume):
+            print(f"trained {run / 'sae'}")
+        return 0
     sae = train(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 reports
     out = Path(cfg.out)
     metrics = json.loads((out / "sae" / "eval.json").read_text())
     print(f"trained {sae.cfg.architecture} SAE ({sae.cfg.d_in} -> {sae.cfg.d_sae}) saved to {out / 'sae'}")
@@ -140,7 +152,8 @@ def cmd_harvest(args) -> int:
     cfg = HarvestConfig(out=args.out, hooks=args.hook, model=args.model, dataset=args.dataset, split=args.split,
                         column=args.column, tokens=args.tokens, context=args.context, batch_size=args.batch_size,
                         prepend_bos=not args.no_bos, skip_bos=not args.keep_bos, dtype=args.dtype,
-                        shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress)
+                        shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress,
+                        part=args.part, parts=args.parts)
     for hook, store in harvest(cfg).items():
         print(f"{hook}: {store.n_tokens} rows of d_in={store.d_in} ({store.dtype}) in {store.directory}")
     return 0
@@ -205,6 +218,14 @@ def cmd_store_synth(args) -> int:
     return 0
 
 
+def cmd_store_join(args) -> int:
+    from sae_kit.store_join import join_stores
+
+    store = join_stores(args.parts, args.out, verify=args.verify)
+    print(f"joined {len(args.parts)} parts: {store.n_tokens} rows of {store.hook_name} in {store.directory}")
+    return 0
+
+
 def cmd_bench_synthetic(args) -> int:
     from sae_kit.eval.bench import format_table, run_synthetic_benchmark
 
@@ -215,6 +236,18 @@ def cmd_bench_synthetic(args) -> int:
         Path(args.json).write_text(json.dumps(rows, indent=2))
         print(f"written to {args.json}")
     return 0
+
+
+def cmd_export(args) -> int:
+    from sae_kit.interop.commands import cmd_export as run
+
+    return run(args)
+
+
+def cmd_import(args) -> int:
+    from sae_kit.interop.commands import cmd_import as run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="folder: one store per hook in OUT/<hook>/")
+    p.add_argument("--part", type=int, default=0, help="parallel harvest: this job's part, 0..PARTS-1")
+    p.add_argument("--parts", type=int, default=1,
+                   help="parallel harvest: split the --tokens rows into PARTS contiguous parts (join them with `store join`)")
 
     from sae_kit.demo import DemoConfig
 
@@ -315,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
+    p = store.add_parser("join", help="one store from the parts of a parallel harvest (`harvest --part I --parts N`)")
+    p.add_argument("parts", nargs="+", help="the part stores of one hook, in any order")
+    p.add_argument("--out", required=True, help="the joined store's folder (shards are hard-linked when possible)")
+    p.add_argument("--verify", action="store_true", help="check every part shard's sha256 first")
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("synthetic", help="planted-feature recovery of every architecture")
     p.add_argument("--dataset", nargs="+", default=["all"], choices=("all", *DATASET_NAMES))
@@ -323,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's step count")
     p.add_argument("--json", help="write the table's rows as JSON")
     p.add_argument("--no-progress", action="store_true")
+
+    from sae_kit.interop.commands import add_parsers as add_interop_parsers
+
+    add_interop_parsers(sub)
     return parser
 
 
@@ -334,7 +379,10 @@ COMMANDS = {
     ("analyze",): cmd_analyze,
     ("serve",): cmd_serve,
     ("store", "synth"): cmd_store_synth,
+    ("store", "join"): cmd_store_join,
     ("bench", "synthetic"): cmd_bench_synthetic,
+    ("export",): cmd_export,
+    ("import",): cmd_import,
 }
 
 

@@ -45,8 +45,14 @@ class HarvestConfig:
     shard_tokens: int = 65_536
     threads: int | None = None
     progress: bool = True
+    # Parallel harvest: part i of n writes rows [i·tokens/n, (i+1)·tokens/n) of the full harvest;
+    # `sae-kit store join` then makes one store of the parts' shards (see store_join.py).
+    part: int = 0
+    parts: int = 1
 
     def __post_init__(self) -> None:
+        if not 0 <= self.part < self.parts:
+            raise ConfigError(f"--part must be in [0, --parts={self.parts}), got {self.part}")
         if not self.hooks:
             raise ConfigError("name at least one --hook (e.g. blocks.6.hook_resid_post)")
         if len(set(self.hooks)) != len(self.hooks):
@@ -59,8 +65,18 @@ class HarvestConfig:
 
     def store_metadata(self) -> dict:
         """What must match for a re-run to continue a store (anything else would mix two harvests)."""
-        return {"dataset": self.dataset, "split": self.split, "column": self.column,
+        meta = {"dataset": self.dataset, "split": self.split, "column": self.column,
                 "prepend_bos": self.prepend_bos, "skip_bos": self.skip_bos}
+        if self.parts > 1:
+            first, count = self.part_rows()
+            meta["harvest_part"] = {"part": self.part, "parts": self.parts, "first_row": first, "rows": count,
+                                    "total_rows": self.tokens, "batch_size": self.batch_size}
+        return meta
+
+    def part_rows(self) -> tuple[int, int]:
+        """(first row, number of rows) of this part within the full ``tokens``-row harvest."""
+        first = self.part * self.tokens // self.parts
+        return first, (self.part + 1) * self.tokens // self.parts - first
 
 
 def store_path(out: str | Path, hook: str) -> Path:
@@ -138,17 +154,20 @@ def harvest(cfg: HarvestConfig, model=None) -> dict[str, ActivationStore]:
 
 
 def _fill(cfg: HarvestConfig, model, writers: dict[str, ActivationStoreWriter]) -> None:
-    written = {hook: min(writer.tokens_written, cfg.tokens) for hook, writer in writers.items()}
+    first_row, quota = cfg.part_rows()
+    written = {hook: min(writer.tokens_written, quota) for hook, writer in writers.items()}
     start_row = min(written.values())
-    if start_row >= cfg.tokens:
+    if start_row >= quota:
         return
     stream = WindowStream(cfg, model.tokenizer)
-    # Restart at the batch holding start_row, so every batch has the windows of the uninterrupted run.
-    start_window, rows_before = stream.locate_row(start_row, align=cfg.batch_size) if start_row else (0, 0)
+    # Restart at the batch holding start_row, so every batch has the windows of the uninterrupted run
+    # (a part starts inside the full harvest, at the batch holding its first row).
+    absolute_row = first_row + start_row
+    start_window, rows_before = stream.locate_row(absolute_row, align=cfg.batch_size) if absolute_row else (0, 0)
     # Rows each store already holds from the first batch we re-run (stores can differ by shards).
     to_drop = {hook: written[hook] - start_row + rows_before for hook in writers}
     produced = start_row
-    bar = tqdm(total=cfg.tokens, initial=start_row, unit="tok", desc="harvest", disable=not cfg.progress,
+    bar = tqdm(total=quota, initial=start_row, unit="tok", desc="harvest", disable=not cfg.progress,
                dynamic_ncols=True)
     started = time.perf_counter()
     try:
@@ -160,7 +179,7 @@ def _fill(cfg: HarvestConfig, model, writers: dict[str, ActivationStoreWriter]) 
                 acts, ids, positions = rows_of_batch(tokens, keep, captured[hook])
                 drop = min(to_drop[hook], acts.shape[0])
                 to_drop[hook] -= drop
-                room = cfg.tokens - written[hook]
+                room = quota - written[hook]
                 acts, ids, positions = (t[drop:drop + room] for t in (acts, ids, positions))
                 if acts.shape[0]:
                     writer.append(acts, token_ids=ids, positions=positions)
@@ -169,12 +188,12 @@ def _fill(cfg: HarvestConfig, model, writers: dict[str, ActivationStoreWriter]) 
             bar.update(n_new - produced)
             produced = n_new
             bar.set_postfix(tok_per_s=f"{(produced - start_row) / max(time.perf_counter() - started, 1e-9):.0f}")
-            if produced >= cfg.tokens:
+            if produced >= quota:
                 return
     finally:
         bar.close()
     raise ValueError(
-        f"the dataset {cfg.dataset!r} ran out after {produced} rows (asked for {cfg.tokens}); "
+        f"the dataset {cfg.dataset!r} ran out after {first_row + produced} rows (asked for {first_row + quota}); "
         "ask for fewer --tokens or use a larger dataset"
     )
 

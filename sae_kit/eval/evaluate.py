@@ -43,7 +43,7 @@ def evaluate_sae(
                 x = next(batches)
             except StopIteration:
                 break
-            x = x[: max_tokens - seen].to(torch.float32)
+            x = x[: max_tokens - seen].to(sae.b_dec.device, torch.float32)
             x_n, norm = sae.normalize(x)
             codes = sae.select(sae.pre_activations(x_n), x_n)
             x_hat_n = sae.decode_normalized(codes)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from sae_kit import data_parallel
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig
 from sae_kit.sae.base import SAE, register
@@ -97,10 +98,17 @@ class GBASAE(SAE):
             output = output * self.decoder_scale
         if self.training:
             with torch.no_grad():
-                self.active_count += gate.sum(0)
-                self.peak_pre_activation.copy_(torch.maximum(self.peak_pre_activation, pre.max(0).values.clamp_min(0)))
-                self.tokens_observed += pre.shape[0]
+                self.active_count += data_parallel.all_sum(gate.sum(0))
+                peak = data_parallel.all_max(pre.max(0).values.clamp_min(0))
+                self.peak_pre_activation.copy_(torch.maximum(self.peak_pre_activation, peak))
+                self.tokens_observed += data_parallel.global_rows(pre.shape[0])
         return SparseCodes.from_mask(output, gate)
+
+    def code_values(self, gathered: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
+        output = gathered - self.b_enc[codes.indices]
+        if self.opts.tied:
+            output = output * self.decoder_scale[codes.indices]
+        return torch.where(codes.active, output, 0)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sae_kit import data_parallel
 from sae_kit.codes import SparseCodes
 from sae_kit.config import SAEConfig
 from sae_kit.sae.base import TrainingOutput, update_ema
@@ -56,7 +57,8 @@ class ZipfAuxMixin:
     @torch.no_grad()
     def update_fire_stats(self, codes: SparseCodes) -> None:
         super().update_fire_stats(codes)
-        batch_density = codes.fire_counts().to(torch.float32) / codes.batch_size
+        counts = data_parallel.global_fire_counts(codes.fire_counts())
+        batch_density = counts.to(torch.float32) / data_parallel.global_rows(codes.batch_size)
         update_ema(self.feature_density, self.density_weight, batch_density, self.opts.density_beta)
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -19,8 +20,10 @@ from typing import Any, Iterator, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from sae_kit import data_parallel
 from sae_kit.config import ConfigError, SAEConfig
 from sae_kit.sae import ARCHITECTURES, SAE, create_sae
+from sae_kit.train import distributed
 from sae_kit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -150,10 +153,13 @@ def source_metadata(source: Any) -> dict[str, Any]:
 class Trainer:
     """Trains one SAE on a batch source; ``run()`` returns the trained SAE (also saved to ``out/sae``)."""
 
-    def __init__(self, cfg: TrainConfig, source: BatchSource, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, source: BatchSource, resume: bool = False, data_parallel: bool = True):
         self.cfg = cfg
         self.source = source
         self.run_dir = Path(cfg.out)
+        # torchrun: data-parallel over its ranks (see distributed.py); otherwise one process.
+        self.dist = distributed.setup() if data_parallel else distributed.DistributedContext()
+        distributed.check_batch_size(cfg.batch_size, self.dist)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         checkpoint = find_checkpoint(self.run_dir) if resume else None
@@ -163,11 +169,13 @@ class Trainer:
             raise FileExistsError(
                 f"{self.run_dir} already holds a run's checkpoint; pass --resume to continue it or choose another --out"
             )
+        distributed.barrier(self.dist)  # every rank has looked for a checkpoint before rank 0 writes
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if checkpoint is not None:
             self._resume_from(checkpoint)
         else:
             self._start_fresh()
+        distributed.broadcast_state(self.sae, self.dist)
 
     # ----------------------------------------------------------------- set-up
     def _start_fresh(self) -> None:
@@ -185,19 +193,22 @@ class Trainer:
         with torch.no_grad():
             x_n, _ = self.sae.normalize(sample)
             self.input_variance = float((x_n - x_n.mean(0)).pow(2).sum(1).mean())
-        self.sae.train()
+        self.sae.to(self.dist.device).train()
         self.optimizer = self._make_optimizer()
         self.step = 0
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
-        (self.run_dir / METRICS_FILE).write_text("")
+        if self.dist.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+            (self.run_dir / METRICS_FILE).write_text("")
 
     def _resume_from(self, checkpoint: Path) -> None:
         self.sae, optimizer_state, state = load_checkpoint(checkpoint)
+        self.sae.to(self.dist.device)
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(optimizer_state)
         self.step = state["step"]
         self.input_variance = state["input_variance"]
-        _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+        if self.dist.is_main:
+            _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(
@@ -214,32 +225,36 @@ class Trainer:
         total = cfg.total_steps
         batches = self.source.iter_batches(cfg.batch_size, split="train", seed=cfg.seed, start_batch=self.step,
                                            heldout_fraction=cfg.heldout_fraction)
+        main = self.dist.is_main
         bar = tqdm(total=total, initial=self.step, desc=f"train {cfg.architecture}", unit="step",
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not cfg.progress or not main, dynamic_ncols=True)
         try:
-            while self.step < total:
-                x = next(batches).to(torch.float32)
-                record = self.train_step(x)
-                self.step += 1
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == total:
-                    self._log({"step": self.step, "tokens": self.step * cfg.batch_size, **record})
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.3f}")
-                if self.step % cfg.eval_every == 0 or self.step == total:
-                    self._log({"step": self.step, "tokens": self.step * cfg.batch_size,
-                               **{f"eval/{k}": v for k, v in self.evaluate().items()}})
-                if self.step % cfg.checkpoint_every == 0 or self.step == total:
-                    self.save_checkpoint()
+            with data_parallel.use_group() if self.dist.enabled else nullcontext():
+                while self.step < total:
+                    x = distributed.shard(next(batches), self.dist).to(self.dist.device, torch.float32)
+                    record = self.train_step(x)
+                    self.step += 1
+                    bar.update(1)
+                    if main and (self.step % cfg.log_every == 0 or self.step == total):
+                        self._log({"step": self.step, "tokens": self.step * cfg.batch_size, **record})
+                        bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.3f}")
+                    if main and (self.step % cfg.eval_every == 0 or self.step == total):
+                        self._log({"step": self.step, "tokens": self.step * cfg.batch_size,
+                                   **{f"eval/{k}": v for k, v in self.evaluate().items()}})
+                    if main and (self.step % cfg.checkpoint_every == 0 or self.step == total):
+                        self.save_checkpoint()
         finally:
             bar.close()
-        return self.finish()
+        sae = self.finish() if main else self.sae
+        distributed.barrier(self.dist)  # the final SAE is on disk before any rank returns
+        return sae
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         lr = self.cfg.learning_rate(self.base_lr, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         out = self.sae.training_forward(x, self.input_variance)
-        if not torch.isfinite(out.loss):
+        if not distributed.all_finite(out.loss, self.dist):
             where = find_checkpoint(self.run_dir)
             saved = json.loads((where / "state.json").read_text())["step"] if where else None
             # Steps are numbered from 1 as in metrics.jsonl: this update would have been step self.step + 1.
@@ -251,6 +266,7 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        distributed.average_gradients(self.sae.trainable_parameters(), self.dist)
         self.sae.before_optimizer_step()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.sae.trainable_parameters(), self.cfg.grad_clip)
@@ -260,7 +276,7 @@ class Trainer:
         record.update({name: term.item() for name, term in out.parts.items()})
         record["l0"] = out.codes.l0().float().mean().item()
         record["dead_fraction"] = self.sae.dead_mask().float().mean().item()
-        return record
+        return distributed.mean_over_ranks(record, self.dist)
 
     def evaluate(self) -> dict[str, Any]:
         from sae_kit.eval.evaluate import evaluate_sae
@@ -312,10 +328,12 @@ def source_from_config(cfg: TrainConfig) -> BatchSource:
     return ActivationStore(cfg.activations)
 
 
-def train(cfg: TrainConfig, source: BatchSource | None = None, resume: bool = False) -> SAE:
-    """Train from a TrainConfig; without a source, ``cfg.activations`` names an activation store."""
+def train(cfg: TrainConfig, source: BatchSource | None = None, resume: bool = False, data_parallel: bool = True) -> SAE:
+    """Train from a TrainConfig; without a source, ``cfg.activations`` names an activation store.
+
+    Under torchrun the ranks train this one SAE data-parallel unless ``data_parallel`` is False."""
     if source is None:
         source = source_from_config(cfg)
     if not math.isfinite(cfg.tokens):
         raise ConfigError("tokens must be finite")
-    return Trainer(cfg, source, resume=resume).run()
+    return Trainer(cfg, source, resume=resume, data_parallel=data_parallel).run()
