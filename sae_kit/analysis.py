@@ -7,8 +7,8 @@ one contiguous segment — and each chunk's rows go straight into SQLite, so mem
 analysed tokens, not with d_sae × tokens.
 
 Per feature: density, mean and max activation, a histogram of its non-zero activations (from
-their minimum to their maximum), the top activating examples (at most one per window) and random samples from equal-count activation
-quantiles, each with ±``example_radius`` tokens of context and the feature's per-token
+their minimum to their maximum), the top activating examples (at most one per window) and random
+samples from equal-count activation quantiles, each with ±``example_radius`` tokens of context and the feature's per-token
 activations; logit effects (its decoder direction through the model's final-norm gain and the
 unembedding: which next tokens it promotes and suppresses); nearest features by decoder cosine.
 

@@ -3,8 +3,9 @@
 harvest SmolLM2's residual stream at a middle layer from the bundled corpus → train a TopK SAE
 (8× expansion, k = 32) → evaluate it on held-out activations (FVU, L0, dead %) and inside the model
 (CE-loss recovered, KL, Δ LM loss) → analyse its features on held-out text (``features.sqlite``)
-→ serve the feature browser (``sae-kit demo`` prints its URL; ``--no-serve`` stops before). Every stage resumes: re-running the command after an
-interruption continues the harvest and the training where they stopped and skips finished stages.
+→ serve the feature browser (``sae-kit demo`` prints its URL; ``--no-serve`` stops before).
+Every stage resumes: re-running the command after an interruption continues the harvest and the
+training where they stopped and skips finished stages (evaluation and analysis run again).
 
 Output folder: ``activations/<hook>/`` (the store), ``train/`` (the run: metrics, report.html,
 checkpoint, ``sae/``) and ``summary.json``.

@@ -290,8 +290,9 @@ class LanguageModel:
         generation uses a KV cache. ``positionwise=True`` promises that the replacements treat each
         position on its own (steering, an SAE splice): they then run with the KV cache too, on the
         prompt once and on each new position after (residual-stream hooks on a bridged HF model,
-        any hook on a HookedTransformer; other hooks fall back to recomputing). With ``stop_at_eos``, finished rows are padded with EOS and
-        generation stops once every row has finished.
+        any hook on a HookedTransformer; other hooks fall back to recomputing). With
+        ``stop_at_eos``, finished rows are padded with EOS and generation stops once every row has
+        finished.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")
