@@ -48,6 +48,7 @@ def point_at_served_sae(case) -> None:
                     feature["index"] %= D_SAE
 
 
+@pytest.mark.timeout(600)  # ~20 s on 2 shared cores; the bound keeps a runaway case from stalling CI
 def test_no_server_errors_and_documented_answers(api_schema):
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 10
