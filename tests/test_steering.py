@@ -12,6 +12,7 @@ from sae_kit.steering import SteeringFeature, steer, steered_activations, steeri
 from sae_kit.text_features import encode_text, feature_values, per_token_top, top_over_text
 from tiny_served import D_MODEL, HOOK, write_tiny_model, write_tiny_sae
 
+pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer:DeprecationWarning")
 PROMPT = "To be, or not to be, that is the question"
 
 
