@@ -164,11 +164,47 @@ def cmd_demo(args) -> int:
 
     cfg = DemoConfig(out=args.out, model=args.model, layer=args.layer, dataset=args.dataset, tokens=args.tokens,
                      context=args.context, expansion=args.expansion, k=args.k, batch_size=args.batch_size,
-                     epochs=args.epochs, eval_tokens=args.eval_tokens, threads=args.threads,
-                     progress=not args.no_progress)
+                     epochs=args.epochs, eval_tokens=args.eval_tokens, analyze_tokens=args.analyze_tokens,
+                     threads=args.threads, progress=not args.no_progress)
     summary = run_demo(cfg)
     print(format_summary(summary))
-    print(f"everything is in {cfg.out} (summary.json, train/report.html)")
+    print(f"everything is in {cfg.out} (summary.json, train/report.html, train/sae/features.sqlite)")
+    if args.no_serve:
+        print(f"browse the features with: sae-kit serve {cfg.out}")
+        return 0
+    from sae_kit.server.app import run
+
+    run(cfg.out, host=args.host, port=args.port, threads=args.threads)
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from sae_kit.analysis import AnalyzeConfig, analyze_sae_folder
+    from sae_kit.feature_store import FeatureStore
+
+    cfg = AnalyzeConfig(dataset=args.dataset, split=args.split, context=args.context, tokens=args.tokens,
+                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    import time
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    path = analyze_sae_folder(args.sae, cfg, model_name=args.model, hook=args.hook, out=args.out)
+    meta = FeatureStore(path).meta
+    print(f"analysed {meta['d_sae']} features on {meta['n_tokens']} tokens of {meta['dataset']} ({meta['split']}) "
+          f"in {time.perf_counter() - started:.1f}s -> {path}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from sae_kit.server.app import run
+
+    run(args.root, host=args.host, port=args.port, model_name=args.model, threads=args.threads,
+        api_token=os.environ.get(args.token_env) if args.token_env else None)
     return 0
 
 
@@ -237,6 +273,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="context window (default: the SAE's context_size)")
     p.add_argument("--text-tokens", type=int, default=8192, help="tokens of text for the in-model evaluation")
 
+    from sae_kit.analysis import AnalyzeConfig
+
+    a = AnalyzeConfig()
+    p = sub.add_parser("analyze", help="per-feature statistics and examples on held-out text, into SQLite")
+    p.add_argument("sae", help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--model", help="model to run (default: the model_name in the SAE's cfg.json)")
+    p.add_argument("--hook", help="hook the SAE reads (default: the SAE's hook_name)")
+    p.add_argument("--dataset", default=a.dataset, help="'default' (bundled corpus), a local file/folder, or a hub name")
+    p.add_argument("--split", default=a.split)
+    p.add_argument("--tokens", type=int, default=a.tokens, help="token positions to analyse")
+    p.add_argument("--context", type=int, default=a.context, help="tokens per window")
+    p.add_argument("--batch-size", type=int, default=a.batch_size, help="windows per forward pass")
+    p.add_argument("--seed", type=int, default=a.seed, help="seed of the quantile samples")
+    p.add_argument("--out", help="feature store file (default: SAE_FOLDER/features.sqlite)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("serve", help="REST API and web UI over the SAE folders under a folder")
+    p.add_argument("root", help="folder holding SAE folders (e.g. runs/demo); only files under it are served")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="model for every SAE (default: the model_name in each SAE's cfg.json)")
+    p.add_argument("--token-env", default="SAE_KIT_API_TOKEN",
+                   help="environment variable holding the API token that POST /api/steer requires (unset: open)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
     p = sub.add_parser("harvest", help="cache a model's activations at one or more hooks")
     p.add_argument("--model", default="smollm2", help="smollm2 (embedded default), gpt2..., or a local HF model folder")
     p.add_argument("--hook", action="append", required=True, help="transformer-lens hook name, repeatable")
@@ -272,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--epochs", type=int, default=d.epochs, help="training passes over the harvested rows")
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out text tokens for CE-loss recovered")
+    p.add_argument("--analyze-tokens", type=int, default=d.analyze_tokens, help="held-out text tokens for feature analysis")
+    p.add_argument("--no-serve", action="store_true", help="stop after the analysis instead of serving the browser")
+    p.add_argument("--host", default="127.0.0.1", help="where to serve the feature browser")
+    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
 
@@ -310,6 +376,8 @@ COMMANDS = {
     ("eval",): cmd_eval,
     ("harvest",): cmd_harvest,
     ("demo",): cmd_demo,
+    ("analyze",): cmd_analyze,
+    ("serve",): cmd_serve,
     ("store", "synth"): cmd_store_synth,
     ("store", "join"): cmd_store_join,
     ("bench", "synthetic"): cmd_bench_synthetic,

@@ -2,8 +2,10 @@
 
 harvest SmolLM2's residual stream at a middle layer from the bundled corpus → train a TopK SAE
 (8× expansion, k = 32) → evaluate it on held-out activations (FVU, L0, dead %) and inside the model
-(CE-loss recovered, KL, Δ LM loss). Every stage resumes: re-running the command after an
-interruption continues the harvest and the training where they stopped and skips finished stages.
+(CE-loss recovered, KL, Δ LM loss) → analyse its features on held-out text (``features.sqlite``)
+→ serve the feature browser (``sae-kit demo`` prints its URL; ``--no-serve`` stops before).
+Every stage resumes: re-running the command after an interruption continues the harvest and the
+training where they stopped and skips finished stages (evaluation and analysis run again).
 
 Output folder: ``activations/<hook>/`` (the store), ``train/`` (the run: metrics, report.html,
 checkpoint, ``sae/``) and ``summary.json``.
@@ -34,12 +36,13 @@ class DemoConfig:
     epochs: int = 2  # passes of the trainer over the harvested rows
     lr: float | None = None
     eval_tokens: int = 8192  # tokens of held-out text for the in-model evaluation
+    analyze_tokens: int = 32_768  # token positions of held-out text for the feature analysis
     threads: int | None = None
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "context", "expansion", "k", "batch_size", "epochs", "eval_tokens"):
+        for name in ("tokens", "context", "expansion", "k", "batch_size", "epochs", "eval_tokens", "analyze_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -47,6 +50,7 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     import torch
 
+    from sae_kit.analysis import AnalyzeConfig, analyze
     from sae_kit.eval.in_model import evaluate_in_model, write_in_model_eval
     from sae_kit.harvest import HarvestConfig, harvest, store_path
     from sae_kit.models import load_model
@@ -91,6 +95,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                  max_tokens=cfg.eval_tokens, progress=cfg.progress)
     write_in_model_eval(run_dir / "sae", in_model)
     timings["eval_s"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    features = analyze(sae, model, AnalyzeConfig(dataset=cfg.dataset, context=min(cfg.context, 64),
+                                                 tokens=cfg.analyze_tokens, seed=cfg.seed, progress=cfg.progress),
+                       sae_path=run_dir / "sae")
+    timings["analyze_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - started
 
     summary = {
@@ -98,6 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "hook": hook,
         "harvested_tokens": store.n_tokens,
         "sae": str(run_dir / "sae"),
+        "features": str(features),
         "d_sae": sae.cfg.d_sae,
         "k": sae.cfg.k,
         "fvu": reconstruction["fvu"],
@@ -124,6 +135,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("CE-loss recovered (mean abl.)", f"{100 * summary['ce_recovered_vs_mean']:.2f}%"),
         ("delta LM loss", f"{summary['delta_lm_loss']:.4f} nats (clean {summary['loss_clean']:.4f})"),
         ("KL to clean", f"{summary['kl_div']:.4f}"),
+        ("feature store", summary["features"]),
         ("wall time", ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in summary["timings"].items())),
     ]
     width = max(len(name) for name, _ in rows)

@@ -280,15 +280,19 @@ class LanguageModel:
     def generate(self, prompt_tokens: Tensor | Sequence[int], max_new_tokens: int = 32,
                  temperature: float = 0.0, seed: int = 0,
                  replace: Mapping[str, Replacement] | None = None, *,
-                 stop_at_eos: bool = False) -> Tensor:
+                 stop_at_eos: bool = False, positionwise: bool = False) -> Tensor:
         """Prompt plus up to ``max_new_tokens`` sampled tokens (same rank as the prompt).
 
         Greedy when ``temperature == 0``; otherwise samples from ``softmax(logits / temperature)``
         with a private generator seeded by ``seed`` (the same seed gives the same tokens, and the
         global RNG is untouched). With ``replace``, every step recomputes the whole sequence so
         each replacement function sees all positions, exactly as in :meth:`logits`; without it,
-        generation uses a KV cache. With ``stop_at_eos``, finished rows are padded with EOS and
-        generation stops once every row has finished.
+        generation uses a KV cache. ``positionwise=True`` promises that the replacements treat each
+        position on its own (steering, an SAE splice): they then run with the KV cache too, on the
+        prompt once and on each new position after (residual-stream hooks on a bridged HF model,
+        any hook on a HookedTransformer; other hooks fall back to recomputing). With
+        ``stop_at_eos``, finished rows are padded with EOS and generation stops once every row has
+        finished.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")
@@ -302,7 +306,7 @@ class LanguageModel:
         if stop_at_eos and self.eos_token_id is None:
             raise ValueError(f"{self.name} has no EOS token id; generate with stop_at_eos=False.")
         self._replacement_hooks(replace)  # validate names before generating anything
-        next_token_logits = self._next_token_logits_function(replace)
+        next_token_logits = self._next_token_logits_function(replace, positionwise)
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=sequence.device)
@@ -390,9 +394,17 @@ class LanguageModel:
                                        if isinstance(value, Tensor)}
         return self._activation_shapes
 
-    def _next_token_logits_function(self, replace: Mapping[str, Replacement] | None
+    def _next_token_logits_function(self, replace: Mapping[str, Replacement] | None, positionwise: bool = False
                                     ) -> Callable[[Tensor, Tensor], Tensor]:
         """``f(sequence, new_tokens) -> logits at the last position``, cached when possible."""
+        if replace and positionwise:
+            if self._kind == _KIND_HOOKED:
+                return _with_hooks(_HookedTransformerKVDecoder(self.model),
+                                   lambda: self.model.hooks(fwd_hooks=self._replacement_hooks(replace)))
+            layers = _decoder_layers(self._generation_model, self.n_layers)
+            if layers is not None and all(_RESIDUAL_HOOK.match(hook) for hook in replace):
+                return _with_hooks(_HFKVDecoder(self._generation_model),
+                                   lambda: _residual_replacements(layers, replace))
         if replace:
             return lambda sequence, new_tokens: self.logits(sequence, replace=replace)[:, -1]
         if self._kind == _KIND_HOOKED:
@@ -450,6 +462,56 @@ def _make_replacement_hook(hook_name: str, fn: Replacement) -> Callable:
         return replaced.to(activation.dtype).reshape(activation.shape)
 
     return replacement_hook
+
+
+_RESIDUAL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+def _decoder_layers(model: torch.nn.Module | None, n_layers: int) -> torch.nn.ModuleList | None:
+    """The HF model's list of transformer blocks (``model.layers``, ``transformer.h``...)."""
+    if model is None:
+        return None
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def _residual_replacements(layers: torch.nn.ModuleList, replace: Mapping[str, Replacement]):
+    """Torch hooks on an HF model's blocks standing for ``blocks.{i}.hook_resid_pre/post``."""
+    handles = []
+    try:
+        for hook, fn in replace.items():
+            layer, where = _RESIDUAL_HOOK.match(hook).groups()
+            replaced = _make_replacement_hook(hook, fn)
+            if where == "post":
+                def after(module, args, output, replaced=replaced):
+                    if isinstance(output, tuple):
+                        return (replaced(output[0]), *output[1:])
+                    return replaced(output)
+                handles.append(layers[int(layer)].register_forward_hook(after))
+            else:
+                def before(module, args, kwargs, replaced=replaced):
+                    if args:
+                        return (replaced(args[0]), *args[1:]), kwargs
+                    return args, {**kwargs, "hidden_states": replaced(kwargs["hidden_states"])}
+                handles.append(layers[int(layer)].register_forward_pre_hook(before, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _with_hooks(decoder: Callable[[Tensor, Tensor], Tensor], hooks: Callable[[], Any]
+                ) -> Callable[[Tensor, Tensor], Tensor]:
+    # Hooks are attached for each step only, so the model is left clean between steps and after
+    # an exception.
+    def step(sequence: Tensor, new_tokens: Tensor) -> Tensor:
+        with hooks():
+            return decoder(sequence, new_tokens)
+
+    return step
 
 
 class _HFKVDecoder:

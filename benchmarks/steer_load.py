@@ -1,0 +1,151 @@
+"""Load test of the steering endpoint: N concurrent POST /api/steer requests against a running server.
+
+First measures the reference in the same run: single steering requests sent one at a time (median of
+``--reference`` of them). Then sends ``--requests`` requests at once from as many threads, each with
+its own seed, and reports every status code, latency percentiles, the wall time and the ratio of
+that wall time to ``requests × reference`` (the model serves one request at a time, so ~1.0 means
+no queueing overhead beyond the serial work).
+
+    sae-kit serve runs/demo &                      # or: sae-kit demo --out runs/demo
+    python benchmarks/steer_load.py --url http://127.0.0.1:8000 --requests 50
+
+``--root FOLDER`` starts ``sae-kit serve FOLDER`` itself on a free port and stops it afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+PROMPTS = ["The meaning of life is", "Once upon a time, in a kingdom by the sea,", "My favourite food is",
+           "The weather today", "To be, or not to be:"]
+
+
+def call(url: str, body: dict | None = None, token: str | None = None, timeout: float = 1800) -> tuple[int, dict, float]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=timeout) as response:
+            status, payload = response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        status, payload = error.code, json.loads(error.read() or b"{}")
+    return status, payload, time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def start_server(root: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "sae_kit.cli", "serve", root, "--port", str(port)]
+    if threads:
+        command += ["--threads", str(threads)]
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            call(f"{url}/api/health", timeout=5)
+            return process, url
+        except OSError:
+            if process.poll() is not None:
+                raise SystemExit(f"sae-kit serve {root} exited with {process.returncode}")
+            time.sleep(0.25)
+    process.terminate()
+    raise SystemExit("the server did not come up within 5 minutes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    where.add_argument("--root", help="serve this folder for the duration of the test")
+    parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--reference", type=int, default=3, help="single requests timed first")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--strength", type=float, default=40.0)
+    parser.add_argument("--token", default=os.environ.get("SAE_KIT_API_TOKEN"), help="API token, if the server has one")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of a server started with --root")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    process = None
+    if args.root:
+        process, url = start_server(args.root, args.threads)
+    else:
+        url = args.url.rstrip("/")
+    try:
+        saes = call(f"{url}/api/saes")[1]
+        sae = next((s for s in saes if s["analysed"]), saes[0])
+        if sae["analysed"]:
+            page = call(f"{url}/api/saes/{sae['id']}/features?sort=density&order=desc&limit=5")[1]
+            features = [f["index"] for f in page["features"]]
+        else:
+            features = list(range(5))
+
+        def body(i: int) -> dict:
+            return {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": args.max_new_tokens,
+                    "temperature": args.temperature, "seed": i, "method": "additive" if i % 2 == 0 else "clamp",
+                    "features": [{"sae": sae["id"], "index": features[i % len(features)], "strength": args.strength}]}
+
+        reference = []
+        for i in range(args.reference):
+            status, payload, seconds = call(f"{url}/api/steer", body(i), args.token)
+            if status != 200:
+                raise SystemExit(f"a single steering request failed: {status} {payload}")
+            reference.append(seconds)
+        single = statistics.median(reference)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.requests) as pool:
+            results = list(pool.map(lambda i: call(f"{url}/api/steer", body(i), args.token), range(args.requests)))
+        wall = time.perf_counter() - started
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=60)
+
+    statuses = [status for status, _, _ in results]
+    latencies = [seconds for _, _, seconds in results]
+    ok = statuses.count(200)
+    figures = {
+        "server": url, "sae": sae["id"], "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+        "succeeded": ok, "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
+        "single_request_s": single, "wall_s": wall,
+        "latency_s": {name: percentile(latencies, q) for name, q in
+                      (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("max", 100))} | {"min": min(latencies)},
+        "wall_over_serial_reference": wall / (args.requests * single),
+    }
+    print(f"steering load test: {args.requests} concurrent requests to {url} (SAE {sae['id']}, "
+          f"{args.max_new_tokens} new tokens each, default + steered)")
+    print(f"  succeeded: {ok}/{args.requests}  statuses: {figures['statuses']}")
+    print(f"  reference (one request alone, median of {args.reference}): {single:.2f} s")
+    print("  latency: " + "  ".join(f"{name} {value:.2f} s" for name, value in figures["latency_s"].items()))
+    print(f"  wall time {wall:.1f} s = {figures['wall_over_serial_reference']:.2f} x "
+          f"({args.requests} x reference); throughput {args.requests / wall:.2f} requests/s")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(figures, file, indent=2)
+    if ok != args.requests:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+// Shared helpers of the sae-kit pages: API calls, the SAE picker, token highlighting.
+"use strict";
+
+const params = new URLSearchParams(location.search);
+
+async function api(path, body, headers = {}) {
+  const options = body === undefined ? {} : {
+    method: "POST", headers: {"Content-Type": "application/json", ...headers}, body: JSON.stringify(body)};
+  const response = await fetch(path, options);
+  const data = await response.json().catch(() => ({detail: response.statusText}));
+  if (!response.ok) throw new Error(`${response.status}: ${data.detail || response.statusText}`);
+  return data;
+}
+
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function showError(target, error) {
+  target.replaceChildren(el("div", {class: "error", text: String(error.message || error)}));
+}
+
+// Every page works on one SAE, named in the URL (?sae=...) and picked in the header.
+async function pickSae(onChange) {
+  const saes = await api("/api/saes");
+  const select = document.getElementById("sae");
+  for (const sae of saes) {
+    select.append(el("option", {value: sae.id, text: `${sae.id} (${sae.d_sae} features, ${sae.hook})`}));
+  }
+  const wanted = params.get("sae");
+  const analysed = saes.find(s => s.analysed);
+  select.value = saes.some(s => s.id === wanted) ? wanted : (analysed || saes[0]).id;
+  for (const link of document.querySelectorAll("header nav a")) link.href = `${link.dataset.page}?sae=${encodeURIComponent(select.value)}`;
+  select.addEventListener("change", () => {
+    params.set("sae", select.value);
+    location.search = params.toString();
+  });
+  const current = saes.find(s => s.id === select.value);
+  if (onChange) await onChange(current, saes);
+  return current;
+}
+
+function shownToken(token) {
+  return token.replace(/\n/g, "↵\n") || "∅";
+}
+
+// A token on one line (in pills and tables).
+function tokenLabel(token) {
+  return token.replace(/\n/g, "↵").replace(/\t/g, "⇥") || "∅";
+}
+
+// One span per token, background by activation relative to `scale`.
+function tokenSpans(tokens, values, scale, maxIndex = -1) {
+  const line = el("div", {class: "example"});
+  tokens.forEach((token, i) => {
+    const value = values[i] || 0;
+    const alpha = scale > 0 ? Math.min(1, Math.max(0, value / scale)) : 0;
+    const span = el("span", {class: "tok" + (i === maxIndex ? " max" : ""), title: `${JSON.stringify(token)}: ${value.toFixed(3)}`,
+                             "data-value": value.toFixed(4), text: shownToken(token)});
+    span.style.background = `rgba(var(--hot), ${(0.85 * alpha).toFixed(3)})`;
+    line.append(span);
+  });
+  return line;
+}
+
+function fmt(value, digits = 3) {
+  if (value === null || value === undefined) return "–";
+  if (value !== 0 && Math.abs(value) < 1e-3) return value.toExponential(2);
+  return value.toFixed(digits);
+}
+
+function percent(value) {
+  return value < 1e-4 && value > 0 ? `${(100 * value).toExponential(1)}%` : `${(100 * value).toFixed(3)}%`;
+}

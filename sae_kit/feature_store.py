@@ -1,0 +1,205 @@
+"""The feature store: one SQLite file per analysed SAE (``<sae folder>/features.sqlite``).
+
+Written by ``sae_kit.analysis`` into a temporary file beside the target and renamed into place
+(``sae_kit.fileio.atomic_write``), so a reader sees the previous store or the new one, never half
+of one. Read by the server through :class:`FeatureStore`, one read-only connection per call (SQLite
+connections are not shared between threads).
+
+Schema (``FORMAT_VERSION`` 1):
+
+* ``meta(key TEXT PRIMARY KEY, value TEXT)``: JSON values — sae, model, hook, dataset, split,
+  context, n_tokens (analysed token positions), n_windows, d_sae, histogram_bins, created.
+* ``features(id INTEGER PRIMARY KEY, fire_count, density, max_act, mean_act, hist_min, hist_max,
+  hist TEXT, pos_logits TEXT, neg_logits TEXT, neighbours TEXT, top_tokens TEXT, explanation TEXT)``:
+  one row per latent. ``density`` = fire_count / n_tokens; ``mean_act`` over the tokens where it
+  fired; ``hist`` = JSON counts of equal-width bins over [hist_min, hist_max] of its non-zero
+  activations; ``pos_logits``/``neg_logits`` = JSON ``[[token, value], ...]``; ``neighbours`` =
+  JSON ``[[feature, cosine], ...]`` by decoder cosine; ``top_tokens`` = the distinct tokens of its
+  top examples' maxima, space separated (for text search); ``explanation`` is left NULL for an
+  auto-interpretation step to fill. Indexed on density, max_act and fire_count.
+* ``windows(id INTEGER PRIMARY KEY, tokens BLOB)``: the analysed token windows, int32 little-endian.
+* ``vocab(id INTEGER PRIMARY KEY, text TEXT)``: display text of every token id in ``windows``.
+* ``examples(feature, kind, bin, rank, window, start, max_pos, max_value, acts BLOB)``: ``kind`` is
+  ``'top'`` (bin 0, rank by activation) or ``'quantile'`` (bin 0 = lowest quantile); the example is
+  tokens ``[start, start + len(acts))`` of ``window``, ``acts`` their float32 activations of the
+  feature, ``max_pos`` the position (in the window) of the token it was chosen for. Indexed on
+  (feature, kind, bin, rank).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+FORMAT_VERSION = 1
+STORE_FILE = "features.sqlite"
+SORT_KEYS = ("id", "density", "max_act", "mean_act", "fire_count")
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE features (
+    id INTEGER PRIMARY KEY, fire_count INTEGER NOT NULL, density REAL NOT NULL, max_act REAL NOT NULL,
+    mean_act REAL NOT NULL, hist_min REAL NOT NULL, hist_max REAL NOT NULL, hist TEXT NOT NULL,
+    pos_logits TEXT NOT NULL, neg_logits TEXT NOT NULL, neighbours TEXT NOT NULL,
+    top_tokens TEXT NOT NULL, explanation TEXT
+);
+CREATE TABLE windows (id INTEGER PRIMARY KEY, tokens BLOB NOT NULL);
+CREATE TABLE vocab (id INTEGER PRIMARY KEY, text TEXT NOT NULL);
+CREATE TABLE examples (
+    feature INTEGER NOT NULL, kind TEXT NOT NULL, bin INTEGER NOT NULL, rank INTEGER NOT NULL,
+    window INTEGER NOT NULL, start INTEGER NOT NULL, max_pos INTEGER NOT NULL, max_value REAL NOT NULL,
+    acts BLOB NOT NULL
+);
+"""
+INDEXES = """
+CREATE INDEX features_density ON features(density);
+CREATE INDEX features_max_act ON features(max_act);
+CREATE INDEX features_fire_count ON features(fire_count);
+CREATE INDEX examples_feature ON examples(feature, kind, bin, rank);
+"""
+
+
+class FeatureStoreError(ValueError):
+    """A feature store is missing, not a feature store, or from an incompatible version."""
+
+
+class FeatureStoreWriter:
+    """Fills a new, empty SQLite file; :meth:`finish` adds the indexes and commits."""
+
+    def __init__(self, path: str | Path, meta: dict[str, Any]):
+        self.connection = sqlite3.connect(str(path))
+        # The file is a temporary one renamed into place when complete (atomic_write), so the
+        # rollback journal buys nothing; without it bulk inserts are several times faster.
+        self.connection.execute("PRAGMA journal_mode=OFF")
+        self.connection.execute("PRAGMA synchronous=OFF")
+        self.connection.executescript(SCHEMA)
+        meta = {"format_version": FORMAT_VERSION, **meta}
+        self.connection.executemany("INSERT INTO meta VALUES (?, ?)",
+                                    [(key, json.dumps(value)) for key, value in meta.items()])
+
+    def add_windows(self, first_id: int, windows: np.ndarray) -> None:
+        rows = ((first_id + i, window.astype("<i4").tobytes()) for i, window in enumerate(windows))
+        self.connection.executemany("INSERT INTO windows VALUES (?, ?)", rows)
+
+    def add_vocab(self, texts: dict[int, str]) -> None:
+        self.connection.executemany("INSERT INTO vocab VALUES (?, ?)", sorted(texts.items()))
+
+    def add_features(self, rows: Iterable[dict[str, Any]]) -> None:
+        self.connection.executemany(
+            "INSERT INTO features VALUES (:id, :fire_count, :density, :max_act, :mean_act, :hist_min, :hist_max,"
+            " :hist, :pos_logits, :neg_logits, :neighbours, :top_tokens, NULL)",
+            ({**row, **{key: json.dumps(row[key], ensure_ascii=False) for key in ("hist", "pos_logits", "neg_logits", "neighbours")}}
+             for row in rows))
+
+    def add_examples(self, rows: Iterable[tuple]) -> None:
+        """Rows of (feature, kind, bin, rank, window, start, max_pos, max_value, acts float32 array)."""
+        self.connection.executemany(
+            "INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ((*row[:8], np.asarray(row[8], dtype="<f4").tobytes()) for row in rows))
+
+    def finish(self) -> None:
+        self.connection.executescript(INDEXES)
+        self.connection.commit()
+        self.connection.close()
+
+
+class FeatureStore:
+    """Read access to a feature store (safe to share between threads: each call opens its own connection)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FeatureStoreError(f"no feature store at {self.path}; create it with `sae-kit analyze`")
+        try:
+            with self._connect() as connection:
+                self.meta = {key: json.loads(value) for key, value in connection.execute("SELECT key, value FROM meta")}
+        except sqlite3.DatabaseError as exc:
+            raise FeatureStoreError(f"{self.path} is not a feature store ({exc}); re-create it with "
+                                    "`sae-kit analyze`") from None
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise FeatureStoreError(f"{self.path} has format {self.meta.get('format_version')!r}, this sae-kit reads "
+                                    f"{FORMAT_VERSION}; re-create it with `sae-kit analyze`")
+        self.d_sae = int(self.meta["d_sae"])
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        connection.row_factory = sqlite3.Row
+        return connection
+
+    def list_features(self, *, offset: int = 0, limit: int = 50, sort: str = "id", descending: bool = False,
+                      min_density: float | None = None, max_density: float | None = None,
+                      min_max_act: float | None = None, text: str | None = None) -> tuple[int, list[dict]]:
+        """(number of matching features, one page of their summaries)."""
+        if sort not in SORT_KEYS:
+            raise ValueError(f"sort must be one of {', '.join(SORT_KEYS)}, got {sort!r}")
+        where, params = [], []
+        for clause, value in (("density >= ?", min_density), ("density <= ?", max_density),
+                              ("max_act >= ?", min_max_act)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        if text:
+            pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append("(top_tokens LIKE ? ESCAPE '\\' OR explanation LIKE ? ESCAPE '\\' "
+                         "OR pos_logits LIKE ? ESCAPE '\\')")
+            params += [pattern] * 3
+        condition = f"WHERE {' AND '.join(where)}" if where else ""
+        order = f"{sort} {'DESC' if descending else 'ASC'}, id ASC"
+        with self._connect() as connection:
+            total = connection.execute(f"SELECT COUNT(*) FROM features {condition}", params).fetchone()[0]
+            rows = connection.execute(
+                f"SELECT id, fire_count, density, max_act, mean_act, top_tokens, explanation, pos_logits "
+                f"FROM features {condition} ORDER BY {order} LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
+        return total, [{"index": row["id"], "fire_count": row["fire_count"], "density": row["density"],
+                        "max_act": row["max_act"], "mean_act": row["mean_act"],
+                        "top_tokens": row["top_tokens"].split(" ") if row["top_tokens"] else [],
+                        "pos_logits": [token for token, _ in json.loads(row["pos_logits"])[:5]],
+                        "explanation": row["explanation"]} for row in rows]
+
+    def feature(self, index: int) -> dict[str, Any]:
+        """Everything stored about one feature; IndexError when out of range."""
+        if not 0 <= index < self.d_sae:
+            raise IndexError(f"feature {index} is out of range: this SAE has features 0..{self.d_sae - 1}")
+        with self._connect() as connection:
+            row = connection.execute("SELECT * FROM features WHERE id = ?", (index,)).fetchone()
+            examples = connection.execute(
+                "SELECT kind, bin, rank, window, start, max_pos, max_value, acts FROM examples WHERE feature = ? "
+                "ORDER BY kind DESC, bin, rank", (index,)).fetchall()
+            windows = {w: np.frombuffer(blob, dtype="<i4") for w, blob in connection.execute(
+                f"SELECT id, tokens FROM windows WHERE id IN ({','.join('?' * len(examples))})",
+                [e["window"] for e in examples])} if examples else {}
+            ids = sorted({int(t) for tokens in windows.values() for t in tokens})
+            vocab = dict(connection.execute(f"SELECT id, text FROM vocab WHERE id IN ({','.join('?' * len(ids))})",
+                                            ids).fetchall()) if ids else {}
+        if row is None:
+            raise FeatureStoreError(f"{self.path} has no row for feature {index}; re-create it with `sae-kit analyze`")
+        top, quantiles = [], {}
+        for example in examples:
+            acts = np.frombuffer(example["acts"], dtype="<f4")
+            tokens = windows[example["window"]][example["start"]:example["start"] + len(acts)]
+            shown = {"tokens": [vocab.get(int(t), "") for t in tokens], "acts": acts.tolist(),
+                     "max_value": example["max_value"], "max_index": example["max_pos"] - example["start"]}
+            if example["kind"] == "top":
+                top.append(shown)
+            else:
+                quantiles.setdefault(example["bin"], []).append(shown)
+        n_bins = len(json.loads(row["hist"]))
+        width = (row["hist_max"] - row["hist_min"]) / n_bins if n_bins else 0.0
+        return {
+            "index": index,
+            "fire_count": row["fire_count"],
+            "density": row["density"],
+            "max_act": row["max_act"],
+            "mean_act": row["mean_act"],
+            "histogram": {"counts": json.loads(row["hist"]),
+                          "edges": [row["hist_min"] + i * width for i in range(n_bins + 1)]},
+            "pos_logits": [{"token": t, "value": v} for t, v in json.loads(row["pos_logits"])],
+            "neg_logits": [{"token": t, "value": v} for t, v in json.loads(row["neg_logits"])],
+            "neighbours": [{"index": i, "cosine": c} for i, c in json.loads(row["neighbours"])],
+            "top_examples": top,
+            "quantile_examples": [{"quantile": b, "examples": quantiles[b]} for b in sorted(quantiles)],
+            "explanation": row["explanation"],
+        }

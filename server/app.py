@@ -1,0 +1,129 @@
+"""The FastAPI application: REST API under /api, the web UI at /, OpenAPI docs at /docs.
+
+``create_app(root)`` serves every SAE folder under ``root`` (with its ``features.sqlite`` from
+``sae-kit analyze``) and loads each SAE's model once. ``run()`` starts it on uvicorn
+(``sae-kit serve``).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from . import catalog, steer, text
+from .registry import Limits, Registry
+
+FRONTEND_SPEC = "sae_kit.frontend"
+
+
+def create_app(root: str | Path, *, model_name: str | None = None, api_token: str | None = None,
+               limits: Limits = Limits(), device: str = "cpu") -> FastAPI:
+    registry = Registry(root, model_name=model_name, device=device, limits=limits)
+    app = FastAPI(title="sae-kit", version="0.1.0",
+                  description="Browse SAE features, find the features a text activates, and steer generation.")
+    app.state.registry = registry
+    app.state.api_token = api_token or None
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    for router in (catalog.router, text.router, steer.router):
+        app.include_router(router)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        # One readable sentence per problem, plus the structured list.
+        problems = [f"{'.'.join(str(p) for p in error['loc'][1:]) or error['loc'][0]}: {error['msg']}"
+                    for error in exc.errors()]
+        return JSONResponse({"detail": "; ".join(problems), "errors": _jsonable(exc.errors())}, status_code=422)
+
+    @app.get("/vendor/plotly.min.js", include_in_schema=False)
+    def plotly_js():
+        return FileResponse(_plotly_js(), media_type="application/javascript")
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return RedirectResponse("/ui/index.html")
+
+    app.mount("/ui", StaticFiles(directory=frontend_dir(), html=True), name="ui")
+    return app
+
+
+def frontend_dir() -> Path:
+    spec = importlib.util.find_spec(FRONTEND_SPEC)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise FileNotFoundError("the web UI's files (package sae_kit.frontend) are not installed; reinstall sae-kit")
+    return Path(locations[0])
+
+
+def _plotly_js() -> Path:
+    spec = importlib.util.find_spec("plotly")
+    path = Path(spec.submodule_search_locations[0]) / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        raise HTTPException(404, "plotly.min.js is not in the installed plotly package")
+    return path
+
+
+def _jsonable(errors: list) -> list:
+    return [{key: (value if key != "ctx" else {k: str(v) for k, v in value.items()}) for key, value in error.items()
+             if key in ("type", "loc", "msg", "ctx")} for error in errors]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Answers 413 to a request body over ``max_bytes`` (by Content-Length, or counted as it streams)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(send)
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send):
+        response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+def run(root: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+        api_token: str | None = None, threads: int | None = None) -> None:
+    import torch
+    import uvicorn
+
+    if threads:
+        torch.set_num_threads(threads)
+    app = create_app(root, model_name=model_name, api_token=api_token)
+    print(f"serving {len(app.state.registry.saes)} SAE(s) from {Path(root).resolve()} at http://{host}:{port}/ "
+          f"(API docs: http://{host}:{port}/docs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,50 @@
+"""Shared request plumbing: the registry, SAE lookup, the steering token, library errors as 4xx."""
+from __future__ import annotations
+
+import secrets
+from contextlib import contextmanager
+from typing import Iterator
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from .registry import Registry, ServedModel, ServedSAE
+
+bearer = HTTPBearer(auto_error=False, description="needed for POST /api/steer when the server has an API token")
+
+
+def registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def served_sae(registry: Registry, sae_id: str) -> ServedSAE:
+    served = registry.saes.get(sae_id)
+    if served is None:
+        raise HTTPException(404, f"no SAE {sae_id!r}; GET /api/saes lists the served ones")
+    return served
+
+
+def analysed_sae(registry: Registry, sae_id: str) -> ServedSAE:
+    served = served_sae(registry, sae_id)
+    if served.store is None:
+        raise HTTPException(404, f"SAE {sae_id!r} has no feature store: {served.store_problem}")
+    return served
+
+
+def steering_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    expected = request.app.state.api_token
+    if expected is None:
+        return
+    if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
+        raise HTTPException(401, "steering needs the server's API token: send 'Authorization: Bearer <token>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+@contextmanager
+def model_turn(model: ServedModel) -> Iterator[None]:
+    """Hold the model's lock; library ValueErrors become 422s naming what is wrong."""
+    with model.lock:
+        try:
+            yield
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None

@@ -1,0 +1,153 @@
+"""What a server serves: the SAE folders under one root, their feature stores, and their models.
+
+SAE ids are made once, at start-up, from the folders found under the served root (the folder path
+relative to the root, ``/`` written as ``.``); requests name SAEs and models only by these ids,
+which are looked up in a dictionary and never joined to a path, so no request can reach a file
+outside the root. Each model is loaded once and guarded by a lock: a transformer-lens model carries
+hook state while it runs, so requests take turns on it (with two CPU cores, running them one at a
+time is also the fastest order).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sae_kit.config import ConfigError
+from sae_kit.feature_store import STORE_FILE, FeatureStore, FeatureStoreError
+from sae_kit.sae.base import CONFIG_FILE, WEIGHTS_FILE
+
+MAX_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for beyond the schema's own bounds (which do not depend on the model)."""
+
+    max_body_bytes: int = 64 * 1024
+    max_prompt_tokens: int = 256
+    max_text_tokens: int = 512
+
+
+@dataclass
+class ServedModel:
+    id: str
+    model: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    sae_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServedSAE:
+    id: str
+    path: Path
+    sae: Any
+    hook: str
+    model_id: str
+    store: FeatureStore | None
+    store_problem: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.sae.cfg
+        return {"id": self.id, "model": self.model_id, "hook": self.hook, "architecture": cfg.architecture,
+                "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k if self.sae.uses_k else None,
+                "analysed": self.store is not None, "analysis": self._analysis_summary(),
+                "store_problem": self.store_problem}
+
+    def _analysis_summary(self) -> dict[str, Any] | None:
+        if self.store is None:
+            return None
+        meta = self.store.meta
+        return {key: meta.get(key) for key in ("dataset", "split", "n_tokens", "n_windows", "context", "created")}
+
+
+class Registry:
+    def __init__(self, root: str | Path, *, model_name: str | None = None, device: str = "cpu",
+                 limits: Limits = Limits()):
+        from sae_kit.models import load_model
+        from sae_kit.sae import load_sae
+
+        self.limits = limits
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"cannot serve {root}: no such folder")
+        self.saes: dict[str, ServedSAE] = {}
+        self.models: dict[str, ServedModel] = {}
+        folders = find_sae_folders(self.root)
+        if not folders:
+            raise FileNotFoundError(f"no SAE folder ({CONFIG_FILE} + {WEIGHTS_FILE}) under {self.root}; "
+                                    "train one (sae-kit train / sae-kit demo) or serve the folder that holds it")
+        model_ids: dict[str, str] = {}  # model name or path -> its id
+        for folder in folders:
+            sae = load_sae(folder)
+            hook = sae.cfg.metadata.get("hook_name")
+            name = model_name or sae.cfg.metadata.get("model_name")
+            if not hook or not name:
+                raise ConfigError(f"{folder / CONFIG_FILE} names no hook_name/model_name in its metadata; "
+                                  "the server needs both to run the SAE")
+            if name not in model_ids:
+                model_ids[name] = _model_id(name, self.models)
+                self.models[model_ids[name]] = ServedModel(id=model_ids[name], model=load_model(name, device=device))
+            served_model = self.models[model_ids[name]]
+            sae_id = folder.name if folder == self.root else folder.relative_to(self.root).as_posix().replace("/", ".")
+            store, problem = None, None
+            if (folder / STORE_FILE).is_file():
+                try:
+                    store = FeatureStore(folder / STORE_FILE)
+                except FeatureStoreError as exc:
+                    problem = str(exc)
+            else:
+                problem = f"not analysed yet: run `sae-kit analyze {folder}`"
+            if served_model.model.hook_dim(hook) != sae.cfg.d_in:
+                raise ConfigError(f"SAE {sae_id} reads {sae.cfg.d_in}-wide activations but {hook} of {name} is "
+                                  f"{served_model.model.hook_dim(hook)} wide")
+            self.saes[sae_id] = ServedSAE(sae_id, folder, sae, hook, served_model.id, store, problem)
+            served_model.sae_ids.append(sae_id)
+
+    def describe_models(self) -> list[dict[str, Any]]:
+        return [{"id": m.id, "name": m.id, "n_layers": m.model.n_layers, "d_model": m.model.d_model,
+                 "d_vocab": m.model.d_vocab, "hooks": sorted({self.saes[s].hook for s in m.sae_ids}),
+                 "saes": m.sae_ids} for m in self.models.values()]
+
+    def describe_hooks(self) -> list[dict[str, Any]]:
+        hooks: dict[tuple[str, str], list[str]] = {}
+        for served in self.saes.values():
+            hooks.setdefault((served.model_id, served.hook), []).append(served.id)
+        return [{"model": model, "hook": hook, "saes": ids} for (model, hook), ids in hooks.items()]
+
+
+def _model_id(name: str, taken: dict[str, ServedModel]) -> str:
+    # A model loaded from a folder is shown by the folder's name, not its path on the server.
+    base = Path(name).name if ("/" in name or "\\" in name) else name
+    candidate, n = base, 1
+    while candidate in {m.id for m in taken.values()}:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def find_sae_folders(root: Path) -> list[Path]:
+    """SAE folders under ``root`` (itself included), at most ``MAX_DEPTH`` deep, not following links out."""
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        here = Path(directory)
+        depth = len(here.relative_to(root).parts)
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".") and depth < MAX_DEPTH
+                                   and (here / d).resolve().is_relative_to(root))
+        # A training checkpoint (beside optimizer.safetensors) is a snapshot of a run, not an SAE to serve.
+        in_checkpoint = (here.parent / "optimizer.safetensors").is_file()
+        if CONFIG_FILE in files and WEIGHTS_FILE in files and not in_checkpoint and _is_sae_config(here / CONFIG_FILE):
+            found.append(here)
+    return found
+
+
+def _is_sae_config(path: Path) -> bool:
+    # A checkpoint folder or a Hugging Face model folder may hold a cfg.json too.
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"d_in", "d_sae", "architecture"} <= set(data)

@@ -1,0 +1,192 @@
+"""Request and response bodies of the REST API (they are also its OpenAPI schema)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Ids as the registry makes them: folder names joined by dots; anything else is refused before lookup.
+ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(BaseModel):
+    id: str
+    name: str
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    hooks: list[str]
+    saes: list[str]
+
+
+class HookInfo(BaseModel):
+    model: str
+    hook: str
+    saes: list[str]
+
+
+class AnalysisInfo(BaseModel):
+    dataset: Optional[str] = None
+    split: Optional[str] = None
+    n_tokens: Optional[int] = None
+    n_windows: Optional[int] = None
+    context: Optional[int] = None
+    created: Optional[str] = None
+
+
+class SAEInfo(BaseModel):
+    id: str
+    model: str
+    hook: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: Optional[int] = None
+    analysed: bool
+    analysis: Optional[AnalysisInfo] = None
+    store_problem: Optional[str] = None
+
+
+class FeatureSummary(BaseModel):
+    index: int
+    fire_count: int
+    density: float
+    max_act: float
+    mean_act: float
+    top_tokens: list[str]
+    pos_logits: list[str]
+    explanation: Optional[str] = None
+
+
+class FeaturePage(BaseModel):
+    sae: str
+    total: int
+    offset: int
+    limit: int
+    features: list[FeatureSummary]
+
+
+class Histogram(BaseModel):
+    counts: list[int]
+    edges: list[float]
+
+
+class TokenValue(BaseModel):
+    token: str
+    value: float
+
+
+class Neighbour(BaseModel):
+    index: int
+    cosine: float
+
+
+class Example(BaseModel):
+    tokens: list[str]
+    acts: list[float]
+    max_value: float
+    max_index: int
+
+
+class QuantileExamples(BaseModel):
+    quantile: int
+    examples: list[Example]
+
+
+class Feature(BaseModel):
+    sae: str
+    index: int
+    fire_count: int
+    density: float
+    max_act: float
+    mean_act: float
+    histogram: Histogram
+    pos_logits: list[TokenValue]
+    neg_logits: list[TokenValue]
+    neighbours: list[Neighbour]
+    top_examples: list[Example]
+    quantile_examples: list[QuantileExamples]
+    explanation: Optional[str] = None
+
+
+class TextRequest(Strict):
+    sae: str = Field(pattern=ID_PATTERN, description="SAE id, as listed by GET /api/saes")
+    text: str = Field(min_length=1, max_length=4000)
+    top_k: int = Field(default=5, ge=1, le=50, description="features shown per token")
+    top_features: int = Field(default=20, ge=1, le=200, description="features ranked over the whole text")
+
+
+class EncodeRequest(Strict):
+    sae: str = Field(pattern=ID_PATTERN)
+    text: str = Field(min_length=1, max_length=4000)
+    features: Optional[list[int]] = Field(default=None, max_length=64,
+                                          description="only these features' activations (dense per token)")
+
+
+class FeatureValue(BaseModel):
+    index: int
+    value: float
+
+
+class TextFeature(BaseModel):
+    index: int
+    max_value: float
+    max_token: int
+    count: int
+    sum: float
+
+
+class SearchResponse(BaseModel):
+    sae: str
+    tokens: list[str]
+    token_features: list[list[FeatureValue]]
+    top_features: list[TextFeature]
+
+
+class EncodeResponse(BaseModel):
+    sae: str
+    tokens: list[str]
+    token_ids: list[int]
+    active: Optional[list[list[FeatureValue]]] = None
+    features: Optional[list[int]] = None
+    values: Optional[list[list[float]]] = Field(default=None, description="[token][feature], with `features`")
+
+
+class SteerFeatureRequest(Strict):
+    sae: str = Field(pattern=ID_PATTERN)
+    index: int = Field(ge=0)
+    strength: float = Field(ge=-1000, le=1000, allow_inf_nan=False)
+
+
+class SteerRequest(Strict):
+    prompt: str = Field(min_length=1, max_length=2000)
+    features: list[SteerFeatureRequest] = Field(min_length=1, max_length=16)
+    max_new_tokens: int = Field(default=32, ge=1, le=128)
+    temperature: float = Field(default=0.7, ge=0, le=2, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    method: Literal["additive", "clamp"] = "additive"
+
+
+class SteerResponse(BaseModel):
+    model: str
+    prompt: str
+    prompt_tokens: int
+    default: str
+    steered: str
+    method: str
+    seed: int
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx answer: a sentence saying what is wrong and what to do."""
+
+    detail: str = Field(description="what is wrong and what to do")
+    errors: Optional[list[dict]] = Field(default=None, description="for invalid requests: each problem found")
+
+
+def error_responses(*codes: int) -> dict:
+    return {code: {"model": ErrorResponse} for code in codes}

@@ -1,0 +1,178 @@
+"""The web UI in real headless Chromium (Debian's `chromium`, driven by Playwright): a served tiny
+model and SAE (tests/tiny_served.py) behind `sae-kit serve` in a subprocess; the feature list, a
+feature page, a search and a steering request, each checked against the API and saved as a
+screenshot (in $SAE_KIT_SCREENSHOTS, else the test's temporary folder).
+
+Skipped when /usr/bin/chromium is missing, unless SAE_KIT_REQUIRE_BROWSER=1 (set in CI) makes
+that a failure. Never runs `playwright install`: the browser is the system's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tiny_served import D_SAE, build_served_root
+
+CHROMIUM = Path(os.environ.get("SAE_KIT_CHROMIUM", "/usr/bin/chromium"))
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+if not CHROMIUM.exists():
+    if os.environ.get("SAE_KIT_REQUIRE_BROWSER") == "1":
+        raise RuntimeError(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium`")
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)", allow_module_level=True)
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = build_served_root(tmp_path_factory.mktemp("browser"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "SAE_KIT_API_TOKEN": ""}
+    process = subprocess.Popen([sys.executable, "-m", "sae_kit.cli", "serve", str(root), "--port", str(port),
+                                "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                _get(f"{url}/api/health")
+                break
+            except OSError:
+                if process.poll() is not None:
+                    raise RuntimeError(f"sae-kit serve exited: {process.stdout.read()}")
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("sae-kit serve did not answer within 60 s")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.set_default_timeout(60_000)
+        page.outside_requests = []
+        page.console_errors = []
+        page.on("request", lambda r: None if r.url.startswith(server) else page.outside_requests.append(r.url))
+        page.on("console", lambda m: page.console_errors.append(m.text) if m.type == "error" else None)
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = Path(os.environ.get("SAE_KIT_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_feature_list_sorts_and_pages(page, server, shots):
+    page.goto(f"{server}/")
+    page.wait_for_selector("#features tr.feature")
+    assert page.locator("#features tr.feature").count() == 50
+    assert page.inner_text("#range") == f"1–50 of {D_SAE} features"
+    page.select_option("#sort", "density")
+    page.select_option("#order", "desc")
+    page.click("#filters button[type=submit]")
+    expected = _get(f"{server}/api/saes/saes.main/features?sort=density&order=desc&limit=50")["features"]
+    first_index = str(expected[0]["index"])
+    page.wait_for_function("i => document.querySelector('#features tr.feature td a').textContent === i", arg=first_index)
+    shown = page.locator("#features tr.feature td:first-child a").all_inner_texts()
+    assert shown == [str(f["index"]) for f in expected]
+    page.click("#next")
+    page.wait_for_function("() => document.querySelector('#range').textContent.startsWith('51')")
+    assert page.locator("#features tr.feature").count() == D_SAE - 50
+    page.screenshot(path=str(shots / "feature_list.png"), full_page=True)
+    assert not page.outside_requests and not page.console_errors
+
+
+def test_feature_page_shows_charts_examples_and_tries_a_text(page, server, shots):
+    busiest = _get(f"{server}/api/saes/saes.main/features?sort=fire_count&order=desc&limit=1")["features"][0]["index"]
+    feature = _get(f"{server}/api/saes/saes.main/features/{busiest}")
+    page.goto(f"{server}/ui/index.html?sae=saes.main&sort=fire_count&order=desc")
+    page.click(f"#features tr.feature td a:text-is('{busiest}')")
+    page.wait_for_selector("#histogram .plotly .bars")
+    page.wait_for_selector("#density .plotly .bars")
+    assert page.inner_text("#title") == f"Feature {busiest} of saes.main"
+    assert page.locator("#top-examples .example").count() == len(feature["top_examples"]) > 0
+    first = page.locator("#top-examples .example").first
+    assert first.inner_text().replace("↵", "") == "".join(feature["top_examples"][0]["tokens"])
+    assert first.locator(".tok.max").count() == 1
+    assert page.locator("#quantiles .example").count() == sum(len(q["examples"]) for q in feature["quantile_examples"])
+    assert page.locator("#neighbours a").count() == len(feature["neighbours"])
+    assert feature["pos_logits"][0]["token"] in page.inner_text("#logits") or feature["pos_logits"][0]["token"].strip() == ""
+    text = "Wherefore art thou Romeo? Deny thy father and refuse thy name."
+    page.fill("#own-text", text)
+    page.click("#own-run")
+    page.wait_for_selector("#own-result .example")
+    encoded = _post(f"{server}/api/encode", {"sae": "saes.main", "text": text, "features": [busiest]})
+    values = [float(v) for v in page.locator("#own-result .tok").evaluate_all("s => s.map(x => x.dataset.value)")]
+    assert values == pytest.approx([row[0] for row in encoded["values"]], abs=1e-3)
+    page.screenshot(path=str(shots / "feature_page.png"), full_page=True)
+    assert not page.outside_requests and not page.console_errors
+
+
+def test_search_page_highlights_tokens_and_lists_features(page, server, shots):
+    text = "Now is the winter of our discontent"
+    page.goto(f"{server}/ui/search.html?sae=saes.main")
+    page.fill("#text", text)
+    page.click("#run")
+    page.wait_for_selector("#tokens .tok")
+    found = _post(f"{server}/api/search", {"sae": "saes.main", "text": text, "top_k": 5, "top_features": 20})
+    assert page.locator("#tokens .tok").all_inner_texts() == found["tokens"]
+    shown = page.locator("#top-features td:first-child a").all_inner_texts()
+    assert shown == [str(f["index"]) for f in found["top_features"]]
+    page.locator("#tokens .tok").nth(2).click()
+    assert str(found["token_features"][2][0]["index"]) in page.inner_text("#token-detail")
+    page.screenshot(path=str(shots / "search.png"), full_page=True)
+    assert not page.outside_requests and not page.console_errors
+
+
+def test_steering_playground_shows_default_and_steered_text(page, server, shots):
+    page.goto(f"{server}/ui/steer.html?sae=saes.main&index=7&strength=60")
+    page.wait_for_selector(".feature-row")
+    page.fill("#prompt", "Now is the winter of our discontent")
+    page.fill("#max_new_tokens", "8")
+    page.fill("#temperature", "0")
+    page.click("#run")
+    page.wait_for_function("() => !document.querySelector('#run').disabled && document.querySelector('#steered').textContent.length > 1")
+    expected = _post(f"{server}/api/steer", {"prompt": "Now is the winter of our discontent", "max_new_tokens": 8,
+                                             "temperature": 0, "seed": 0, "method": "additive",
+                                             "features": [{"sae": "saes.main", "index": 7, "strength": 60}]})
+    assert page.inner_text("#default") == expected["prompt"] + expected["default"]
+    assert page.inner_text("#steered") == expected["prompt"] + expected["steered"]
+    assert expected["default"] != expected["steered"]
+    page.screenshot(path=str(shots / "steer.png"), full_page=True)
+    page.fill(".f-strength", "5000")  # beyond the server's limit: the error is shown, not swallowed
+    page.click("#run")
+    page.wait_for_selector("#problem .error")
+    assert "strength" in page.inner_text("#problem .error")
+    page.screenshot(path=str(shots / "steer_error.png"), full_page=True)
+    assert not page.outside_requests
+
