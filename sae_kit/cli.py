@@ -55,6 +55,8 @@ def add_train_parser(sub) -> None:
         p.add_argument(*flags, dest=dest, default=None, **spec)
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --opt selection=batch for abstopk)")
+    p.add_argument("--plugin", action="append", metavar="NAME[:KEY=VALUE,...]",
+                   help="enable a training plugin, repeatable, in hook order (list them with `sae-kit plugins`)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -69,6 +71,10 @@ def train_config_from_args(args) -> "TrainConfig":
             settings[dest] = value
     if args.opt:
         settings["options"] = {**settings.get("options", {}), **parse_key_values(args.opt)}
+    if getattr(args, "plugin", None):
+        from sae_kit.plugins.api import merge_plugin_specs
+
+        settings["plugins"] = merge_plugin_specs(settings.get("plugins"), args.plugin)
     if settings.get("grad_clip") == 0:
         settings["grad_clip"] = None
     if args.no_progress:
@@ -181,6 +187,17 @@ def cmd_bench_synthetic(args) -> int:
     return 0
 
 
+def cmd_plugins(args) -> int:
+    from sae_kit.plugins.api import available_plugins, options_schema
+
+    for name, cls in available_plugins().items():
+        print(f"{name}: {cls.summary}" + (f" [{cls.paper}]" if cls.paper else ""))
+        for entry in options_schema(cls):
+            choices = f" (one of {entry['choices']})" if "choices" in entry else ""
+            print(f"    {entry['name']}={entry['default']}{choices}  {entry['doc']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sae_kit.eval.synthetic import DATASET_NAMES
     from sae_kit.sae import ARCHITECTURES
@@ -249,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
+    sub.add_parser("plugins", help="list the training plugins and their options")
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("synthetic", help="planted-feature recovery of every architecture")
     p.add_argument("--dataset", nargs="+", default=["all"], choices=("all", *DATASET_NAMES))
@@ -267,6 +286,7 @@ COMMANDS = {
     ("demo",): cmd_demo,
     ("store", "synth"): cmd_store_synth,
     ("bench", "synthetic"): cmd_bench_synthetic,
+    ("plugins",): cmd_plugins,
 }
 
 
