@@ -198,6 +198,31 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from sae_kit.plugins.ablate import AblationSettings, format_result, run_ablation, write_result
+
+    settings = AblationSettings(plugin=args.plugin, arch=args.arch, data=args.data, seeds=args.seeds,
+                                dataset=args.dataset, d_in=args.d_in, features=args.features, d_sae=args.d_sae,
+                                k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                dead_tokens=args.dead_tokens, eval_tokens=args.eval_tokens, threads=args.threads)
+    result = run_ablation(settings, progress=not args.no_progress)
+    print(format_result(result))
+    target = args.json or f"ablations/{result['plugin']}-{settings.arch}.json"
+    print(f"written to {write_result(result, target)}")
+    return 0
+
+
+def cmd_ablate_table(args) -> int:
+    from sae_kit.fileio import atomic_write
+    from sae_kit.plugins.docs import load_results, render
+
+    text = render(load_results(args.results))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(args.out), lambda p: Path(p).write_text(text))
+    print(f"wrote {args.out} from the results in {args.results}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sae_kit.eval.synthetic import DATASET_NAMES
     from sae_kit.sae import ARCHITECTURES
@@ -268,6 +293,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="list the training plugins and their options")
 
+    from sae_kit.plugins.ablate import AblationSettings
+
+    a = AblationSettings(plugin="")
+    p = sub.add_parser("ablate", help="train the baseline and the baseline with a plugin on the same data and seeds",
+                       description="Compare the baseline with baseline+plugin over seeds on the metric the plugin "
+                                   "is meant to move; writes a JSON result for `sae-kit ablate-table`.")
+    p.add_argument("--plugin", required=True, metavar="NAME[:KEY=VALUE,...]")
+    p.add_argument("--arch", default=a.arch, choices=sorted(ARCHITECTURES))
+    p.add_argument("--data", default=a.data, help="'synthetic' (planted features) or an activation store folder")
+    p.add_argument("--seeds", type=int, default=a.seeds)
+    p.add_argument("--dataset", default=None, choices=DATASET_NAMES, help="planted set (default: the plugin's)")
+    p.add_argument("--d-in", type=int, default=a.d_in, help="synthetic activation width")
+    p.add_argument("--features", type=int, default=a.features, help="synthetic planted features")
+    p.add_argument("--d-sae", type=int, default=a.d_sae)
+    p.add_argument("--k", type=int, default=a.k)
+    p.add_argument("--steps", type=int, default=a.steps)
+    p.add_argument("--batch-size", type=int, default=a.batch_size)
+    p.add_argument("--lr", type=float, default=a.lr)
+    p.add_argument("--dead-tokens", type=int, default=a.dead_tokens, help="dead-latent threshold in tokens")
+    p.add_argument("--eval-tokens", type=int, default=a.eval_tokens)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="result file (default: ablations/<plugin>-<arch>.json)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("ablate-table", help="render docs/plugins.md from `sae-kit ablate` result files")
+    p.add_argument("--results", default="ablations", help="folder of ablation JSON results")
+    p.add_argument("--out", default="docs/plugins.md")
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("synthetic", help="planted-feature recovery of every architecture")
     p.add_argument("--dataset", nargs="+", default=["all"], choices=("all", *DATASET_NAMES))
@@ -287,6 +340,8 @@ COMMANDS = {
     ("store", "synth"): cmd_store_synth,
     ("bench", "synthetic"): cmd_bench_synthetic,
     ("plugins",): cmd_plugins,
+    ("ablate",): cmd_ablate,
+    ("ablate-table",): cmd_ablate_table,
 }
 
 

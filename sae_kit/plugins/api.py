@@ -72,8 +72,11 @@ class Ablation:
     dataset: str = "sharkey"  # planted dataset for --data synthetic
     # Options passed to the plugin in the ablation (on top of its defaults).
     options: dict[str, Any] = field(default_factory=dict)
-    # TrainConfig overrides for both runs (e.g. a multi-epoch finite cache).
+    # TrainConfig overrides for both runs (e.g. more steps, a lower dead-latent threshold).
     train: dict[str, Any] = field(default_factory=dict)
+    # With --data synthetic: train on a finite store of this many tokens (multi-epoch regime) instead
+    # of an endless stream.
+    cache_tokens: int | None = None
 
 
 @dataclass
