@@ -86,3 +86,102 @@ def test_refit_recovers_exact_coefficients_on_the_true_support():
     noisy = SparseCodes(indices, values + 0.3 * torch.randn(32, 6, generator=generator), 96)
     refit = refit_codes(sae, x_n, noisy)
     assert torch.allclose(refit.values, values, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------- shared helpers
+D_IN, D_SAE, BATCH = 32, 64, 128
+
+
+def tiny_trainer(tmp_path, steps: int, plugins: list, **overrides):
+    from sae_kit.eval.synthetic import SyntheticSource
+    from sae_kit.train.trainer import TrainConfig, Trainer
+
+    settings = dict(out=str(tmp_path), architecture="topk", k=4, d_sae=D_SAE, batch_size=BATCH, tokens=BATCH * steps,
+                    warmup_steps=2, eval_every=steps, eval_tokens=512, log_every=steps, checkpoint_every=steps,
+                    init_tokens=1024, dead_tokens_threshold=2000, threads=1, progress=False, lr=3e-3, plugins=plugins)
+    settings.update(overrides)
+    source = SyntheticSource(make_dataset("sharkey", seed=0, d=D_IN, n_features=64))
+    return Trainer(TrainConfig(**settings), source), source
+
+
+def drive(trainer, source, steps: int, on_step=None):
+    """Run the trainer's steps by hand so a test can look at the weights between steps."""
+    batches = source.iter_batches(BATCH * trainer.plugins.oversample, seed=trainer.cfg.seed)
+    for _ in range(steps):
+        record = trainer.train_step(next(batches))
+        trainer.step += 1
+        if on_step:
+            on_step(trainer, record)
+
+
+# -------------------------------------------------------------------------------------- boosting
+def test_boosting_stages_open_blocks_grow_k_and_freeze_earlier_blocks(tmp_path):
+    steps, stages = 40, 4
+    trainer, source = tiny_trainer(tmp_path, steps, [f"boosting:stages={stages}"])
+    block = D_SAE // stages
+    snapshots = {}
+
+    def check(trainer, record):
+        stage = (trainer.step - 1) * stages // steps
+        sae = trainer.sae
+        opened = (stage + 1) * block
+        assert torch.all(sae.W_enc[:, opened:] == 0) and torch.all(sae.b_enc[opened:] == 0)
+        assert record["l0"] <= math.ceil((stage + 1) * 4 / stages)
+        snapshots[trainer.step] = (sae.W_dec.detach().clone(), sae.parametrizations.W_enc.original.detach().clone())
+
+    drive(trainer, source, steps, check)
+    # Block 0 is frozen from stage 1 on (step 10): unchanged at every later step (the decoder's
+    # renormalisation may move the last bit: a training step moves weights by ~lr = 3e-3).
+    def same(a, b):
+        return torch.allclose(a, b, rtol=0, atol=1e-6)
+
+    first_frozen = snapshots[steps // stages + 1]
+    for step in range(steps // stages + 1, steps + 1):
+        assert same(snapshots[step][0][:block], first_frozen[0][:block]), step
+        assert torch.equal(snapshots[step][1][:, :block], first_frozen[1][:, :block]), step
+    # Blocks 0-2 frozen in the last stage while block 3 still trains.
+    late = snapshots[3 * steps // 4 + 1]
+    assert same(snapshots[steps][0][: 3 * block], late[0][: 3 * block])
+    assert not same(snapshots[steps][0][-block:], late[0][-block:])
+    assert not same(snapshots[steps // stages][0][:block], snapshots[1][0][:block])  # block 0 did train
+
+
+# ---------------------------------------------------------------------------------- weight_decay
+def test_weight_decay_shrinks_the_encoder_by_lr_times_lambda_and_leaves_the_decoder(tmp_path):
+    trainer, source = tiny_trainer(tmp_path, 5, ["weight_decay:coefficient=10"], grad_clip=None)
+    plain, _ = tiny_trainer(tmp_path / "plain", 5, [], grad_clip=None)
+    x = next(source.iter_batches(BATCH, seed=0))
+    plain.train_step(x)
+    trainer.train_step(x)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    # Same Adam step in both; the plugin then multiplies the encoder by (1 - lr * 10).
+    assert torch.allclose(trainer.sae.W_enc, plain.sae.W_enc * (1 - lr * 10), atol=1e-7)
+    assert torch.equal(trainer.sae.W_dec, plain.sae.W_dec)
+    assert torch.equal(trainer.sae.b_enc, plain.sae.b_enc)
+
+
+# --------------------------------------------------------------------------------------- distill
+def test_distill_student_targets_the_teacher_ensemble(tmp_path):
+    trainer, source = tiny_trainer(tmp_path, 30, ["distill:teachers=2,anchor=0.25"])
+    plugin = trainer.plugins.plugins[0]
+    teachers = plugin.teachers()
+    # Teachers are trained (seeds 1 and 2), differ from each other, and are not in the optimizer.
+    assert not torch.equal(teachers[0].W_dec, teachers[1].W_dec)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in optimized for t in teachers for p in t.parameters())
+    x = next(source.iter_batches(BATCH, seed=7))
+    expected = (teachers[0](x) + teachers[1](x)) / 2
+    assert torch.allclose(plugin.ensemble(x), expected)
+    # The step's reconstruction term is against the ensemble, plus the anchor against the data.
+    from sae_kit.plugins.api import Batch, StepContext
+
+    batch = plugin.transform_batch(Batch(x), trainer)
+    out = trainer.sae.training_forward(batch.x, trainer.input_variance)
+    ctx = StepContext(trainer, batch, out, 0)
+    trainer.plugins.loss_terms(ctx)
+    assert torch.allclose(out.parts["reconstruction"],
+                          (out.x_hat_n - expected).pow(2).sum(1).mean() / trainer.input_variance, rtol=1e-5)
+    assert torch.allclose(out.parts["distill/anchor"],
+                          0.25 * (out.x_hat_n - x).pow(2).sum(1).mean() / trainer.input_variance, rtol=1e-5)
+    metrics = plugin.evaluate(trainer.sae, trainer)
+    assert 0 < metrics["ensemble_fvu"] < 1

@@ -146,7 +146,9 @@ def run_ablation(settings: AblationSettings, progress: bool = True) -> dict[str,
         source, dataset, data_label = _source(settings, ablation, workdir)
         bar = tqdm(total=2 * settings.seeds, desc=f"ablate {cls.name}", unit="run", disable=not progress)
         for seed in range(settings.seeds):
-            for variant, plugins in (("baseline", []), ("plugin", [plugin_entry])):
+            baseline_plugins = ([] if ablation.baseline_options is None
+                                else [{**plugin_entry, **ablation.baseline_options}])
+            for variant, plugins in (("baseline", baseline_plugins), ("plugin", [plugin_entry])):
                 sae, evaluation = _train_one(settings, ablation, source, workdir / f"{variant}-{seed}", seed, plugins)
                 row = {key: value for key, value in evaluation.items() if isinstance(value, (int, float))}
                 learned = sae.decoder_directions()
@@ -181,10 +183,13 @@ def run_ablation(settings: AblationSettings, progress: bool = True) -> dict[str,
         "command": settings.command(),
         "baseline": baseline_values, "with_plugin": plugin_values,
         **summarise(baseline_values, plugin_values, ablation.higher_is_better),
+        "kind": ablation.kind, "baseline_options": ablation.baseline_options,
         "side_metrics": {key: {"baseline": _mean(values("baseline", key)), "with_plugin": _mean(values("plugin", key))}
                          for key in SIDE_METRICS if values("baseline", key)},
         "runs": runs, "seconds": round(time.perf_counter() - started, 1),
     }
+    if ablation.kind == "measurement":
+        result["verdict"] = "measurement"
     return result
 
 

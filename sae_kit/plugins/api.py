@@ -77,6 +77,11 @@ class Ablation:
     # With --data synthetic: train on a finite store of this many tokens (multi-epoch regime) instead
     # of an endless stream.
     cache_tokens: int | None = None
+    # When set, the baseline run also enables the plugin with these options: a measuring-only mode
+    # (e.g. uniform mixing, no selection) so the baseline reports the same plugin metric.
+    baseline_options: dict[str, Any] | None = None
+    # "measurement": the plugin measures rather than changes training (no helps/hurts verdict).
+    kind: str = "training"
 
 
 @dataclass
