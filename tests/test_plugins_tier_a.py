@@ -185,3 +185,52 @@ def test_distill_student_targets_the_teacher_ensemble(tmp_path):
                           0.25 * (out.x_hat_n - x).pow(2).sum(1).mean() / trainer.input_variance, rtol=1e-5)
     metrics = plugin.evaluate(trainer.sae, trainer)
     assert 0 < metrics["ensemble_fvu"] < 1
+
+
+# ------------------------------------------------------------------------------------------ FLAD
+def test_exp3_probabilities_sum_to_one_and_move_to_the_agreeing_source(tmp_path):
+    trainer, _ = tiny_trainer(tmp_path, 10, ["exp3_flad:count=3,beta=0.5"])
+    plugin = trainer.plugins.plugins[0]
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(plugin.sketches.shape[1], generator=generator)
+    # Constructed case: source 0's gradient agrees with the target's, sources 1 and 2 do not.
+    plugin.sketches[0] = target + 0.3 * torch.randn(target.shape, generator=generator)
+    plugin.sketches[1] = torch.randn(target.shape, generator=generator)
+    plugin.sketches[2] = -target + torch.randn(target.shape, generator=generator)
+    plugin.has_sketch[:] = True
+    history = []
+    for _ in range(30):
+        plugin.update(target)
+        history.append(plugin.pi.clone())
+        assert math.isclose(float(plugin.pi.sum()), 1.0, rel_tol=1e-9) and bool((plugin.pi > 0).all())
+    assert history[-1][0] > history[5][0] > 1 / 3 + 1e-6  # (update 1 is uniform: ε_1 = 1/K)
+    assert int(history[-1].argmax()) == 0 and history[-1][2] < history[-1][1]
+
+
+def test_flad_end_to_end_prefers_the_target_matching_source(tmp_path):
+    for name in ("exp3_flad", "ucb1_flad"):
+        trainer, _ = tiny_trainer(tmp_path / name, 60, [f"{name}:every=5,count=3"])
+        trainer.run()
+        plugin = trainer.plugins.plugins[0]
+        assert math.isclose(float(plugin.pi.sum()), 1.0, rel_tol=1e-9)
+        assert int(plugin.plays.argmax()) == 0, plugin.plays  # source 0 shares the run's dictionary
+        assert int(plugin.plays.sum()) == 60
+
+
+# ------------------------------------------------------------------------------------ CoLoR-Filter
+def test_color_filter_scores_target_like_tokens_higher_and_selects_them(tmp_path):
+    from sae_kit.plugins._sources import reversed_profile
+    from sae_kit.plugins.api import Batch
+
+    trainer, source = tiny_trainer(tmp_path, 4, ["color_filter:helper_steps=60,target_steps=60,keep_one_in=2"])
+    plugin = trainer.plugins.plugins[0]
+    target = reversed_profile(source.dataset)
+    pool_x = next(source.iter_batches(512, seed=11))
+    target_x = next(target.iter_batches(512, seed=11))
+    mixed = torch.cat([pool_x[:128], target_x[:128]])
+    scores = plugin.scores(mixed)
+    assert scores[128:].mean() > scores[:128].mean()
+    kept = plugin.transform_batch(Batch(mixed), trainer).x
+    assert kept.shape == (BATCH, D_IN)
+    from_target = sum(bool((row == target_x[:128]).all(1).any()) for row in kept)
+    assert from_target > BATCH // 2  # more than half the kept tokens come from the target domain
