@@ -15,12 +15,14 @@ from sae_kit.plugins.api import available_plugins
 from sae_kit.store import write_store
 
 # Options that keep a plugin's CI run small (its defaults are sized for real runs); {pool}, {aux} and
-# {target} are the synthetic stores below (the run's data, another dictionary, a reversed profile).
+# {target} are the synthetic stores below (the run's data, another dictionary, a reversed profile),
+# {llama} a tiny random language model of the data's width.
 SMALL_OPTIONS: dict[str, str] = {
     "color_filter": "target={target},helper_steps=8,target_steps=8",
     "exp3_flad": "sources={pool}+{aux},every=4",
     "ucb1_flad": "sources={pool}+{aux},every=4",
     "distill": "teachers=2",
+    "downstream_kl": "model={llama},hook=blocks.0.hook_resid_post,context=16,windows=2,phase=0.25,eval_tokens=256",
 }
 
 RUN = ["--arch", "topk", "--k", "4", "--d-sae", "64", "--batch-size", "128", "--tokens", str(128 * 16),
@@ -40,6 +42,9 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     for name, source in sources.items():
         paths[name] = root / name
         write_store(paths[name], next(source.iter_batches(4096, seed=5)), shard_tokens=4096)
+    from tiny_lm import write_tiny_llama
+
+    paths["llama"] = write_tiny_llama(root / "llama")
     return paths
 
 

@@ -234,3 +234,63 @@ def test_color_filter_scores_target_like_tokens_higher_and_selects_them(tmp_path
     assert kept.shape == (BATCH, D_IN)
     from_target = sum(bool((row == target_x[:128]).all(1).any()) for row in kept)
     assert from_target > BATCH // 2  # more than half the kept tokens come from the target domain
+
+
+# ------------------------------------------------------------------------------- split_agreement
+def test_split_agreement_halves_are_disjoint_and_agreement_is_permutation_invariant(tmp_path):
+    from sae_kit.eval.synthetic import SyntheticSource
+    from sae_kit.plugins.split_agreement import HalfSource, agreement
+
+    source = SyntheticSource(make_dataset("sharkey", seed=0, d=D_IN, n_features=64))
+    stream = source.iter_batches(16, seed=3)
+    whole = [next(stream) for _ in range(6)]
+    even = HalfSource(source, 0).iter_batches(16, seed=3)
+    odd = HalfSource(source, 1).iter_batches(16, seed=3, start_batch=1)
+    assert torch.equal(next(even), whole[0]) and torch.equal(next(even), whole[2])
+    assert torch.equal(next(odd), whole[3])  # odd half, its batch 1 = batch 3 of the stream
+
+    sae = trained_like_sae("topk")
+    permuted = trained_like_sae("topk")
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        permuted.W_dec.copy_(sae.W_dec[order])
+        permuted.W_enc.copy_(sae.W_enc[:, order])
+        permuted.b_enc.copy_(sae.b_enc[order])
+        permuted.b_dec.copy_(sae.b_dec)
+    xs = [next(source.iter_batches(64, seed=4))]
+    same = agreement(sae, permuted, xs)
+    assert same["matched_cosine"] == pytest.approx(1.0, abs=1e-5) and same["functional_fvu"] < 1e-10
+    other = agreement(sae, trained_like_sae("topk", seed=5), xs)
+    assert other["matched_cosine"] < 0.5 and other["functional_fvu"] > 0.1
+
+
+# ---------------------------------------------------------------------------------- downstream_kl
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tiny_lm import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+def test_downstream_kl_trains_the_sae_through_the_frozen_model(tmp_path, tiny_llama):
+    from sae_kit.plugins.api import Batch, StepContext
+
+    spec = f"downstream_kl:model={tiny_llama},hook=blocks.0.hook_resid_post,context=16,windows=2,phase=1.0"
+    trainer, source = tiny_trainer(tmp_path, 4, [spec])
+    plugin = trainer.plugins.plugins[0]
+    tokens = plugin.next_tokens()
+    assert plugin.windows_used == 2
+    plugin.next_tokens = lambda: tokens  # the same windows every time, to watch the KL fall
+    x = next(source.iter_batches(BATCH, seed=0))
+    optimizer = torch.optim.Adam(trainer.sae.trainable_parameters(), lr=1e-2)
+    kls = []
+    for _ in range(15):
+        out = trainer.sae.training_forward(x, trainer.input_variance)
+        kl = plugin.loss_terms(StepContext(trainer, Batch(x), out, 0))["kl"]
+        optimizer.zero_grad()
+        kl.backward()
+        assert trainer.sae.W_enc.grad.abs().sum() > 0  # the gradient reaches the SAE...
+        assert all(p.grad is None for p in plugin.model.model.parameters())  # ...and not the model
+        optimizer.step()
+        kls.append(kl.item())
+    assert kls[-1] < 0.7 * kls[0]

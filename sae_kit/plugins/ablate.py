@@ -103,13 +103,9 @@ def _train_one(settings: AblationSettings, ablation: Ablation, source, out: Path
 
 def matched_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean |cos| of the Hungarian matching between two dictionaries [n, d] (stability across seeds)."""
-    from scipy.optimize import linear_sum_assignment
+    from sae_kit.plugins.split_agreement import matched_cosines
 
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    cosine = (a @ b.T).abs().double().numpy()
-    rows, cols = linear_sum_assignment(-cosine)
-    return float(cosine[rows, cols].mean())
+    return float(matched_cosines(a, b).mean())
 
 
 def summarise(baseline: list[float], plugin: list[float], higher_is_better: bool) -> dict[str, Any]:
