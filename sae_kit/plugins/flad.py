@@ -15,8 +15,8 @@ data (the target domain) and each source's reward is smoothed:
 SAE adaptation [plugins.md A2]: sources are activation sources (stores joined by ``+``, or
 ``auto`` on synthetic data: the run's planted set plus ``count − 1`` sets with other dictionaries),
 the target is the run's own data, gradients are of the reconstruction loss only (detached from the
-training step's other terms: taken with ``torch.autograd.grad`` on a fresh forward pass in eval
-mode, so no running statistic moves). ``policy=uniform`` draws sources uniformly (the baseline).
+training step's other terms: ``torch.func.grad`` of a fresh forward pass in eval mode, so no
+running statistic moves). ``policy=uniform`` draws sources uniformly (the baseline).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical
+from torch.func import functional_call, grad
 
 from sae_kit.config import ConfigError
 from sae_kit.plugins._sources import SourceCursor, open_sources
@@ -34,17 +35,24 @@ from sae_kit.plugins.api import Ablation, Batch, Plugin, StepContext, option
 from sae_kit.seeding import derived_generator
 
 
-def reconstruction_gradient(sae, x: torch.Tensor, input_variance: float, rows: torch.Tensor) -> torch.Tensor:
-    """The reconstruction loss's gradient on the decoder rows ``rows``, flattened; no state changes."""
+def reconstruction_gradient(sae, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The reconstruction loss's gradient on the decoder rows ``rows``, flattened.
+
+    ``torch.func.grad`` over ``functional_call`` with the decoder as the only argument, in eval mode:
+    no ``.grad`` is touched and no running statistic moves.
+    """
     was_training = sae.training
     sae.eval()
+
+    def loss(W_dec: torch.Tensor) -> torch.Tensor:
+        return (functional_call(sae, {"W_dec": W_dec}, (x,)) - x).pow(2).sum(1).mean()
+
     try:
         with torch.enable_grad():
-            out = sae.training_forward(x, input_variance)
-            (grad,) = torch.autograd.grad(out.parts["reconstruction"], sae.W_dec)
+            gradient = grad(loss)(sae.W_dec.detach())
     finally:
         sae.train(was_training)
-    return grad[rows].flatten()
+    return gradient.detach()[rows].flatten()
 
 
 def exp3_probabilities(gains: torch.Tensor, eps_previous: float, eps: float) -> torch.Tensor:
@@ -110,7 +118,7 @@ class _FLAD(Plugin):
     def after_backward(self, ctx: StepContext) -> None:
         if self.opts.policy == "uniform" or ctx.sae.W_dec.grad is None:
             return
-        sketch = reconstruction_gradient(ctx.sae, ctx.batch.x, ctx.trainer.input_variance, self.rows)
+        sketch = reconstruction_gradient(ctx.sae, ctx.batch.x, self.rows)
         a = self.arm
         self.sketches[a] = sketch if not self.has_sketch[a] else 0.5 * (self.sketches[a] + sketch)
         self.has_sketch[a] = True
@@ -123,7 +131,7 @@ class _FLAD(Plugin):
         trainer = ctx.trainer
         x = trainer.source.sample(self.opts.target_tokens, seed=trainer.cfg.seed + 1 + self.updates,
                                   heldout_fraction=trainer.cfg.heldout_fraction).to(torch.float32)
-        target = reconstruction_gradient(ctx.sae, x, trainer.input_variance, self.rows)
+        target = reconstruction_gradient(ctx.sae, x, self.rows)
         self.update(target)
 
     def update(self, target_gradient: torch.Tensor) -> None:
