@@ -294,3 +294,6 @@ def test_downstream_kl_trains_the_sae_through_the_frozen_model(tmp_path, tiny_ll
         optimizer.step()
         kls.append(kl.item())
     assert kls[-1] < 0.7 * kls[0]
+    hp = {"lr": 1.0, "k": 4}
+    plugin.hyperparameters(hp, trainer)  # the phase runs at a constant 0.3 x the base rate
+    assert hp["lr"] == pytest.approx(0.3 * trainer.base_lr)

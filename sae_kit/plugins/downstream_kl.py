@@ -13,10 +13,13 @@ on ``windows`` fresh text windows, to the usual reconstruction loss (the anchor,
 differentiable in x̂ through the frozen model, so we use exact gradients where the paper, whose
 tokens are discrete, uses REINFORCE: the adaptation keeps the objective and the schedule, not the
 estimator [plugins.md A7]. BOS positions are left untouched, as in the in-model evaluation.
+The engine's schedule decays the learning rate to 0 at the end of the run, so the phase runs at a
+constant ``phase_lr`` × the base rate instead (0.3, the reference's "0.3× the main lr" [our choice]);
+with ``kl_weight=0`` the same phase runs on the MSE alone: the control with the same extra steps.
 
 ``model`` / ``hook`` default to the run's (``--model/--hook``) or the store's provenance; ``evaluate``
 runs ``sae_kit.eval.in_model.evaluate_in_model`` (CE-loss recovered, KL, Δ LM loss) on held-out text.
-``kl_weight=0`` turns the phase off and keeps the evaluation (the ablation's baseline).
+``kl_weight=0`` drops the KL term and keeps the evaluation (the ablation's baseline).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class DownstreamKL(Plugin):
         windows: int = option(4, "text windows per step in the phase")
         kl_weight: float = option(1.0, "weight of the KL term (0: evaluation only)")
         phase: float = option(0.05, "final fraction of the run with the KL term")
+        phase_lr: float = option(0.3, "learning rate in the phase, as a fraction of the run's base rate")
         eval_tokens: int = option(8192, "held-out text tokens for CE-loss recovered")
 
     def validate(self) -> None:
@@ -75,6 +79,9 @@ class DownstreamKL(Plugin):
                                    self.model.tokenizer, split="train")
         self.windows_used = 0
         self._batches = None
+
+    def hyperparameters(self, hp: dict[str, Any], trainer) -> None:
+        hp["lr"] = self.opts.phase_lr * trainer.base_lr
 
     def next_tokens(self) -> torch.Tensor:
         if self._batches is None:
