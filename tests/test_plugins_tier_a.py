@@ -297,3 +297,35 @@ def test_downstream_kl_trains_the_sae_through_the_frozen_model(tmp_path, tiny_ll
     hp = {"lr": 1.0, "k": 4}
     plugin.hyperparameters(hp, trainer)  # the phase runs at a constant 0.3 x the base rate
     assert hp["lr"] == pytest.approx(0.3 * trainer.base_lr)
+
+
+# ------------------------------------------------------------------------- exact resume per plugin
+@pytest.mark.parametrize("spec", ["boosting", "exp3_flad:every=3,count=3", "ucb1_flad:every=3,count=3",
+                                  "color_filter:helper_steps=5,target_steps=5", "weight_decay", "usage_entropy",
+                                  "distill:teachers=1"])
+def test_plugin_runs_resume_bit_exact(spec, tmp_path):
+    steps = 24
+    reference, _ = tiny_trainer(tmp_path / "reference", steps, [spec], checkpoint_every=8)
+    expected = reference.run().state_dict()
+
+    class Stop(Exception):
+        pass
+
+    interrupted, source = tiny_trainer(tmp_path / "resumed", steps, [spec], checkpoint_every=8)
+    original = interrupted.train_step
+
+    def stop_at_19(x):
+        if interrupted.step == 19:
+            raise Stop
+        return original(x)
+
+    interrupted.train_step = stop_at_19
+    with pytest.raises(Stop):
+        interrupted.run()
+    from sae_kit.train.trainer import Trainer
+
+    resumed = Trainer(interrupted.cfg, source, resume=True)
+    assert resumed.step == 16
+    got = resumed.run().state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected), spec
