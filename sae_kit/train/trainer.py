@@ -197,7 +197,6 @@ class Trainer:
         self.step = 0
         self.plugins.setup(self)
         self.optimizer = self._make_optimizer()
-        self.step = 0
         (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
         (self.run_dir / METRICS_FILE).write_text("")
 
