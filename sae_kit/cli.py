@@ -57,6 +57,8 @@ def add_train_parser(sub) -> None:
         p.add_argument(*flags, dest=dest, default=None, **spec)
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --opt selection=batch for abstopk)")
+    p.add_argument("--plugin", action="append", metavar="NAME[:KEY=VALUE,...]",
+                   help="enable a training plugin, repeatable, in hook order (list them with `sae-kit plugins`)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -73,6 +75,10 @@ def train_config_from_args(args) -> "TrainConfig":
         settings["activations"] = settings["activations"][0]
     if args.opt:
         settings["options"] = {**settings.get("options", {}), **parse_key_values(args.opt)}
+    if getattr(args, "plugin", None):
+        from sae_kit.plugins.api import merge_plugin_specs
+
+        settings["plugins"] = merge_plugin_specs(settings.get("plugins"), args.plugin)
     if settings.get("grad_clip") == 0:
         settings["grad_clip"] = None
     if args.no_progress:
@@ -250,6 +256,42 @@ def cmd_import(args) -> int:
     return run(args)
 
 
+def cmd_plugins(args) -> int:
+    from sae_kit.plugins.api import available_plugins, options_schema
+
+    for name, cls in available_plugins().items():
+        print(f"{name}: {cls.summary}" + (f" [{cls.paper}]" if cls.paper else ""))
+        for entry in options_schema(cls):
+            choices = f" (one of {entry['choices']})" if "choices" in entry else ""
+            print(f"    {entry['name']}={entry['default']}{choices}  {entry['doc']}")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from sae_kit.plugins.ablate import AblationSettings, format_result, run_ablation, write_result
+
+    settings = AblationSettings(plugin=args.plugin, arch=args.arch, data=args.data, seeds=args.seeds,
+                                dataset=args.dataset, d_in=args.d_in, features=args.features, d_sae=args.d_sae,
+                                k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                dead_tokens=args.dead_tokens, eval_tokens=args.eval_tokens, threads=args.threads)
+    result = run_ablation(settings, progress=not args.no_progress)
+    print(format_result(result))
+    target = args.json or f"ablations/{result['plugin']}-{settings.arch}.json"
+    print(f"written to {write_result(result, target)}")
+    return 0
+
+
+def cmd_ablate_table(args) -> int:
+    from sae_kit.fileio import atomic_write
+    from sae_kit.plugins.docs import load_results, render
+
+    text = render(load_results(args.results))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(args.out), lambda p: Path(p).write_text(text))
+    print(f"wrote {args.out} from the results in {args.results}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sae_kit.eval.synthetic import DATASET_NAMES
     from sae_kit.sae import ARCHITECTURES
@@ -356,6 +398,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the joined store's folder (shards are hard-linked when possible)")
     p.add_argument("--verify", action="store_true", help="check every part shard's sha256 first")
 
+    sub.add_parser("plugins", help="list the training plugins and their options")
+
+    from sae_kit.plugins.ablate import AblationSettings
+
+    a = AblationSettings(plugin="")
+    p = sub.add_parser("ablate", help="train the baseline and the baseline with a plugin on the same data and seeds",
+                       description="Compare the baseline with baseline+plugin over seeds on the metric the plugin "
+                                   "is meant to move; writes a JSON result for `sae-kit ablate-table`.")
+    p.add_argument("--plugin", required=True, metavar="NAME[:KEY=VALUE,...]")
+    p.add_argument("--arch", default=a.arch, choices=sorted(ARCHITECTURES))
+    p.add_argument("--data", default=a.data, help="'synthetic' (planted features) or an activation store folder")
+    p.add_argument("--seeds", type=int, default=a.seeds)
+    p.add_argument("--dataset", default=None, choices=DATASET_NAMES, help="planted set (default: the plugin's)")
+    p.add_argument("--d-in", type=int, default=a.d_in, help="synthetic activation width")
+    p.add_argument("--features", type=int, default=a.features, help="synthetic planted features")
+    p.add_argument("--d-sae", type=int, default=a.d_sae)
+    p.add_argument("--k", type=int, default=a.k)
+    p.add_argument("--steps", type=int, default=a.steps)
+    p.add_argument("--batch-size", type=int, default=a.batch_size)
+    p.add_argument("--lr", type=float, default=a.lr)
+    p.add_argument("--dead-tokens", type=int, default=a.dead_tokens, help="dead-latent threshold in tokens")
+    p.add_argument("--eval-tokens", type=int, default=a.eval_tokens)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="result file (default: ablations/<plugin>-<arch>.json)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("ablate-table", help="render docs/plugins.md from `sae-kit ablate` result files")
+    p.add_argument("--results", default="ablations", help="folder of ablation JSON results")
+    p.add_argument("--out", default="docs/plugins.md")
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("synthetic", help="planted-feature recovery of every architecture")
     p.add_argument("--dataset", nargs="+", default=["all"], choices=("all", *DATASET_NAMES))
@@ -383,6 +455,9 @@ COMMANDS = {
     ("bench", "synthetic"): cmd_bench_synthetic,
     ("export",): cmd_export,
     ("import",): cmd_import,
+    ("plugins",): cmd_plugins,
+    ("ablate",): cmd_ablate,
+    ("ablate-table",): cmd_ablate_table,
 }
 
 

@@ -257,18 +257,20 @@ class LanguageModel:
         return activations
 
     # -- splice --------------------------------------------------------------------------------
-    def logits(self, tokens: Tensor, *, replace: Mapping[str, Replacement] | None = None) -> Tensor:
+    def logits(self, tokens: Tensor, *, replace: Mapping[str, Replacement] | None = None,
+               grad: bool = False) -> Tensor:
         """Full-forward float32 logits ``[batch, pos, vocab]``.
 
         ``replace`` maps a hook name to ``fn(activation) -> activation``: the forward pass continues
         with what ``fn`` returns (an SAE reconstruction, zeros, a mean). ``fn`` sees the same
         float32 ``[batch, pos, d]`` view that :meth:`capture` returns and must return that shape.
+        ``grad=True`` keeps the autograd graph (to train what ``fn`` splices in through the model).
         """
         tokens = self._as_token_batch(tokens)
         fwd_hooks = self._replacement_hooks(replace)
         # no_grad rather than inference_mode: logits are large, and escaping inference mode would
         # mean copying them.
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             if fwd_hooks:
                 output = self.model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
             else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,7 +48,9 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run_dir: Path, sae: SAE, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+def save_checkpoint(run_dir: Path, sae: SAE, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a whole checkpoint; ``write_extra(folder)`` adds files (plugin state) inside the same swap."""
     final = run_dir / CHECKPOINT_DIR
     tmp = run_dir / f"{CHECKPOINT_DIR}.tmp"
     old = run_dir / f"{CHECKPOINT_DIR}.old"
@@ -60,6 +62,8 @@ def save_checkpoint(run_dir: Path, sae: SAE, optimizer: torch.optim.Optimizer, s
     (tmp / "optimizer.json").write_text(json.dumps(meta))
     rng = {"torch": torch.get_rng_state()}
     save_file(rng, str(tmp / "rng.safetensors"))
+    if write_extra is not None:
+        write_extra(tmp)
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from sae_kit import data_parallel
 from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.plugins.api import Batch, PluginSet, StepContext, build_plugins, free_parameters, normalize_specs
 from sae_kit.sae import ARCHITECTURES, SAE, create_sae
 from sae_kit.train import distributed
 from sae_kit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -80,6 +82,8 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    # Training plugins, in hook order: names, "NAME:key=value,..." or {name: NAME, key: value} (sae_kit/plugins).
+    plugins: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -103,6 +107,8 @@ class TrainConfig:
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
         self.adam_betas = tuple(self.adam_betas)
+        self.plugins = normalize_specs(self.plugins)
+        build_plugins(self.plugins)  # unknown names, bad options and conflicts are reported now
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -171,6 +177,11 @@ class Trainer:
             )
         distributed.barrier(self.dist)  # every rank has looked for a checkpoint before rank 0 writes
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.plugins = PluginSet(build_plugins(cfg.plugins))
+        if self.dist.enabled and self.plugins.oversample > 1:
+            raise ConfigError("selecting plugins (oversample > 1) do not support data-parallel training yet: "
+                              "run them in one process")
+        self.resumed = checkpoint is not None
         if checkpoint is not None:
             self._resume_from(checkpoint)
         else:
@@ -194,8 +205,9 @@ class Trainer:
             x_n, _ = self.sae.normalize(sample)
             self.input_variance = float((x_n - x_n.mean(0)).pow(2).sum(1).mean())
         self.sae.to(self.dist.device).train()
-        self.optimizer = self._make_optimizer()
         self.step = 0
+        self.plugins.setup(self)
+        self.optimizer = self._make_optimizer()
         if self.dist.is_main:
             (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
             (self.run_dir / METRICS_FILE).write_text("")
@@ -203,17 +215,19 @@ class Trainer:
     def _resume_from(self, checkpoint: Path) -> None:
         self.sae, optimizer_state, state = load_checkpoint(checkpoint)
         self.sae.to(self.dist.device)
-        self.optimizer = self._make_optimizer()
-        self.optimizer.load_state_dict(optimizer_state)
         self.step = state["step"]
         self.input_variance = state["input_variance"]
+        self.plugins.setup(self)
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(optimizer_state)
+        self.plugins.load_state(checkpoint)
         if self.dist.is_main:
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(
-            self.sae.trainable_parameters(), lr=self.base_lr, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps
-        )
+        sae_params = self.sae.trainable_parameters()
+        groups = [{"params": sae_params}, *self.plugins.parameter_groups(exclude=sae_params)]
+        return torch.optim.Adam(groups, lr=self.base_lr, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps)
 
     @property
     def base_lr(self) -> float:
@@ -223,7 +237,8 @@ class Trainer:
     def run(self) -> SAE:
         cfg = self.cfg
         total = cfg.total_steps
-        batches = self.source.iter_batches(cfg.batch_size, split="train", seed=cfg.seed, start_batch=self.step,
+        # A selecting plugin draws oversample × batch_size candidates and keeps batch_size of them.
+        batches = self.source.iter_batches(cfg.batch_size * self.plugins.oversample, split="train", seed=cfg.seed, start_batch=self.step,
                                            heldout_fraction=cfg.heldout_fraction)
         main = self.dist.is_main
         bar = tqdm(total=total, initial=self.step, desc=f"train {cfg.architecture}", unit="step",
@@ -250,32 +265,43 @@ class Trainer:
         return sae
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
-        lr = self.cfg.learning_rate(self.base_lr, self.step)
+        hp = self.plugins.hyperparameters({"lr": self.cfg.learning_rate(self.base_lr, self.step), "k": self.cfg.k}, self)
+        lr = hp["lr"]
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        out = self.sae.training_forward(x, self.input_variance)
-        if not distributed.all_finite(out.loss, self.dist):
-            where = find_checkpoint(self.run_dir)
-            saved = json.loads((where / "state.json").read_text())["step"] if where else None
-            # Steps are numbered from 1 as in metrics.jsonl: this update would have been step self.step + 1.
-            raise TrainingDiverged(
-                f"the loss became {out.loss.item()} at step {self.step + 1}; "
-                + (f"the last good checkpoint is {where} (step {saved}; resume with a lower --lr)" if where
-                   else "no checkpoint was written yet")
-                + "; check the activations for NaN/inf or lower the learning rate"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        distributed.average_gradients(self.sae.trainable_parameters(), self.dist)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.sae.cfg.k = int(hp["k"])
+        batch = self.plugins.transform_batch(Batch(x), self)
+        # Parametrised weights (plugins) are computed once per step, not at every use.
+        with parametrize.cached():
+            out = self.sae.training_forward(batch.x, self.input_variance)
+            ctx = StepContext(self, batch, out, self.step)
+            self.plugins.loss_terms(ctx)
+            if not distributed.all_finite(out.loss, self.dist):
+                where = find_checkpoint(self.run_dir)
+                saved = json.loads((where / "state.json").read_text())["step"] if where else None
+                # Steps are numbered from 1 as in metrics.jsonl: this update would have been step self.step + 1.
+                raise TrainingDiverged(
+                    f"the loss became {out.loss.item()} at step {self.step + 1}; "
+                    + (f"the last good checkpoint is {where} (step {saved}; resume with a lower --lr)" if where
+                       else "no checkpoint was written yet")
+                    + "; check the activations for NaN/inf or lower the learning rate"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+        # Averaged before the plugins see them, so every rank's gradient surgery agrees.
+        distributed.average_gradients([p for g in self.optimizer.param_groups for p in g["params"]], self.dist)
+        self.plugins.after_backward(ctx)
         self.sae.before_optimizer_step()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.sae.trainable_parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.sae.after_optimizer_step()
+        self.plugins.after_step(ctx)
         record = {"lr": lr, "loss": out.loss.item()}
         record.update({name: term.item() for name, term in out.parts.items()})
         record["l0"] = out.codes.l0().float().mean().item()
         record["dead_fraction"] = self.sae.dead_mask().float().mean().item()
+        record.update(ctx.logs)
         return distributed.mean_over_ranks(record, self.dist)
 
     def evaluate(self) -> dict[str, Any]:
@@ -287,13 +313,17 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "input_variance": self.input_variance, "base_lr": self.base_lr}
-        return save_checkpoint(self.run_dir, self.sae, self.optimizer, state)
+        # The free tensors of plugin parametrisations are saved; setup() re-registers them on resume.
+        with free_parameters(self.sae):
+            return save_checkpoint(self.run_dir, self.sae, self.optimizer, state, write_extra=self.plugins.save_state)
 
     def finish(self) -> SAE:
         from sae_kit.train.report import write_report
 
+        self.sae = self.plugins.posthoc(self.sae, self)
         sae_dir = self.sae.save(self.run_dir / "sae")
-        (sae_dir / "eval.json").write_text(json.dumps(self.evaluate(), indent=2))
+        metrics = {**self.evaluate(), **self.plugins.evaluate(self.sae, self)}
+        (sae_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
         write_report(self.run_dir / METRICS_FILE, self.run_dir / "report.html", title=f"{self.cfg.architecture} training")
         return self.sae
 
