@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .torch_path import GatherPreActivations
+
 
 @triton.jit
 def _decode_fwd(idx_ptr, val_ptr, w_ptr, out_ptr, K, D, stride_w, stride_out,
@@ -181,16 +183,8 @@ def sparse_decode_triton(indices: torch.Tensor, values: torch.Tensor, weight: to
     return TritonSparseDecode.apply(indices.contiguous(), values.contiguous(), weight.contiguous())
 
 
-class TritonGatherPreActivations(torch.autograd.Function):
-    @staticmethod
-    def forward(x_c, W_enc, b_enc, pre, indices):
-        return pre.gather(1, indices)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x_c, W_enc, b_enc, _pre, indices = inputs
-        ctx.save_for_backward(x_c, W_enc, indices)
-        ctx.b_enc_dtype = b_enc.dtype
+class TritonGatherPreActivations(GatherPreActivations):
+    """The torch path's gather, with the backward done by the decode kernels above."""
 
     @staticmethod
     def backward(ctx, grad_values):

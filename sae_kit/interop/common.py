@@ -112,6 +112,17 @@ def write_sidecar(directory: Path, sae: SAE) -> None:
     write_json(directory / SIDECAR_CONFIG, sae.config_dict())
 
 
+def write_export(out: Path, sae: SAE, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 config_file: str, weights_file: str, sidecar: bool = True) -> Path:
+    """One exported folder: the format's config and weights, plus our sidecar for exact round trips."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / weights_file, tensors)
+    write_json(out / config_file, config)
+    if sidecar:
+        write_sidecar(out, sae)
+    return out
+
+
 def restore_from_sidecar(directory: Path, converted: Converted,
                          export_tensors: Callable[[SAE], dict[str, torch.Tensor]],
                          foreign: dict[str, torch.Tensor]) -> Converted:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from sae_kit.interop.common import (
+    write_export,
     Converted,
     FormatError,
     dtype_name,
@@ -42,9 +43,6 @@ from sae_kit.interop.common import (
     rescale_normalized_space,
     restore_from_sidecar,
     unbiased_layer_norm_factor,
-    write_json,
-    write_safetensors,
-    write_sidecar,
 )
 from sae_kit.sae import SAE
 
@@ -109,12 +107,7 @@ def export_tensors(sae: SAE) -> dict[str, torch.Tensor]:
 
 def export(sae: SAE, out: Path, sidecar: bool = True) -> Path:
     config, tensors = export_config_and_tensors(sae)
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / WEIGHTS_FILE, tensors)
-    write_json(out / CONFIG_FILE, config)
-    if sidecar:
-        write_sidecar(out, sae)
-    return out
+    return write_export(out, sae, config, tensors, CONFIG_FILE, WEIGHTS_FILE, sidecar)
 
 
 # ------------------------------------------------------------------------------------------ import

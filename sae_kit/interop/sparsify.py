@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from sae_kit.interop.common import (
+    write_export,
     Converted,
     FormatError,
     dtype_name,
@@ -31,9 +32,6 @@ from sae_kit.interop.common import (
     read_safetensors,
     require,
     restore_from_sidecar,
-    write_json,
-    write_safetensors,
-    write_sidecar,
 )
 from sae_kit.sae import SAE
 
@@ -68,12 +66,7 @@ def export_tensors(sae: SAE) -> dict[str, torch.Tensor]:
 
 def export(sae: SAE, out: Path, sidecar: bool = True) -> Path:
     config, tensors = export_config_and_tensors(sae)
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / WEIGHTS_FILE, tensors)
-    write_json(out / CONFIG_FILE, config)
-    if sidecar:
-        write_sidecar(out, sae)
-    return out
+    return write_export(out, sae, config, tensors, CONFIG_FILE, WEIGHTS_FILE, sidecar)
 
 
 def hook_name_for(folder: str) -> str | None:

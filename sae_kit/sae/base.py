@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from sae_kit import data_parallel
 from sae_kit.codes import SparseCodes
