@@ -1,46 +1,72 @@
-"""Sparse kernels, installed as ``sae_kit.kernels``.
+"""Sparse kernels, installed as ``sae_kit.kernels``: the sparse parts of an SAE training step.
 
-``sparse_decode`` is the single entry point the SAEs use to turn padded sparse codes into dense
-reconstructions. Backends (all differentiable in ``values`` and ``weight``, none builds a dense
-[B, d_sae] matrix except ``reference``):
+A TopK-style step needs one dense product, the pre-activations; after the selection everything is
+sparse. The entry points (one dispatch for all of them):
 
-* ``"torch"`` (``kernels/torch_path.py``): ``F.embedding_bag`` forward, gather / sparse-CSR
-  backward. (The CPU default is still plain ``F.embedding_bag`` autograd.)
-* ``"triton"`` (``kernels/triton_decode.py``): Triton forward and backward. The default on CUDA
+* ``dense_pre_activations(x_c, W_enc, b_enc, out=None)``: the one dense product, no autograd.
+* ``gather_pre_activations(x_c, W_enc, b_enc, pre, indices)``: the selected pre-activations with
+  gradients to the encoder that touch only the selected latents.
+* ``sparse_decode(indices, values, weight)``: x̂ = Σ_j v_j W[i_j], sparse backward.
+* ``topk_encode(x, W_enc, b_enc, b_dec, k)``: the three above for a plain TopK.
+* ``batch_top_entries(score, total)``: BatchTopK's / Mutual Choice's batch-level selection
+  without sorting the [B, F] matrix (torch ops, on any device).
+
+Backends (``backend=``):
+* ``"torch"`` (``kernels/torch_path.py``): embedding_bag, CSR products, index_add; the CPU default.
+* ``"triton"`` (``kernels/triton_decode.py``): Triton forward and backward; the default on CUDA
   when Triton imports; on CPU only under ``TRITON_INTERPRET=1`` (tests).
-* ``"reference"`` (``kernels/reference.py``): dense scatter then matmul, for tests.
-
-With the default ``backend=None``, codes with ``K >= d_sae / DENSE_FRACTION`` slots per row decode
-through one dense product instead. ``topk_encode`` (torch path) is the TopK encoder whose backward
-touches only the selected latents.
+* ``"reference"`` (``kernels/reference.py``): dense autograd, for tests.
+With the default ``backend=None``, codes with ``K >= d_sae / DENSE_FRACTION`` slots per row go
+through dense products instead.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .reference import sparse_decode_reference
-from .torch_path import sparse_decode_torch, topk_encode
+from .reference import gather_pre_activations_reference, sparse_decode_reference
+from .torch_path import (
+    DENSE_FRACTION,
+    batch_top_entries,
+    dense_pre_activations,
+    densify,
+    gather_pre_activations_torch,
+    is_dense,
+    sparse_decode_torch,
+)
 
-__all__ = ["sparse_decode", "topk_encode", "DENSE_FRACTION", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "DENSE_FRACTION",
+    "batch_top_entries",
+    "dense_pre_activations",
+    "gather_pre_activations",
+    "sparse_decode",
+    "topk_encode",
+]
 
-# Above K >= d_sae / DENSE_FRACTION active slots per row, decoding goes through a dense product.
-DENSE_FRACTION = 8
 BACKENDS = ("reference", "torch", "triton")
 
 
-def _triton_decode():
-    from .triton_decode import sparse_decode_triton
+def _triton():
+    from . import triton_decode
 
-    return sparse_decode_triton
+    return triton_decode
 
 
 def _triton_usable() -> bool:
     try:
-        _triton_decode()
+        _triton()
     except Exception:  # Triton missing or broken: fall back to the torch path
         return False
     return True
+
+
+def _backend(backend: str | None, tensor: torch.Tensor) -> str:
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+        return backend
+    return "triton" if tensor.is_cuda and _triton_usable() else "torch"
 
 
 def sparse_decode(
@@ -55,22 +81,60 @@ def sparse_decode(
         raise ValueError(f"sparse_decode needs [B, K] indices and values, got {tuple(indices.shape)}, {tuple(values.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"sparse_decode needs a [F, d] weight, got {tuple(weight.shape)}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"sparse_decode backend must be one of {BACKENDS}, got {backend!r}")
+    chosen = _backend(backend, weight)
     if indices.shape[1] == 0:
         return weight.new_zeros(indices.shape[0], weight.shape[1])
-    if backend == "reference":
+    if chosen == "reference":
         return sparse_decode_reference(indices, values, weight)
-    if backend == "torch":
-        return sparse_decode_torch(indices, values, weight)
-    if backend == "triton":
-        return _triton_decode()(indices, values, weight)
-    if indices.shape[1] * DENSE_FRACTION >= weight.shape[0]:
+    if backend is None and is_dense(indices.shape[1], weight.shape[0]):
         # Codes this dense (GBA and ReLU early in training) decode faster as one matrix product.
-        dense = values.new_zeros(indices.shape[0], weight.shape[0]).scatter_add(1, indices, values)
-        return dense.to(weight.dtype) @ weight
-    if weight.is_cuda and _triton_usable():
-        return _triton_decode()(indices, values, weight)
-    # Plain embedding_bag autograd stays the CPU default until the whole training step moves to the
-    # torch path and benchmarks/train_step.py shows the switch pays off end to end.
-    return F.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype), mode="sum")
+        return densify(indices, values, weight.shape[0]).to(weight.dtype) @ weight
+    if chosen == "triton":
+        return _triton().sparse_decode_triton(indices, values, weight)
+    return sparse_decode_torch(indices, values, weight)
+
+
+def gather_pre_activations(
+    x_c: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    pre: torch.Tensor,
+    indices: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``pre.gather(1, indices)`` [B, K], differentiable in ``x_c`` [B, d], ``W_enc`` [d, F], ``b_enc`` [F].
+
+    ``pre`` must be ``dense_pre_activations(x_c, W_enc, b_enc)`` (computed without autograd); the
+    backward never builds a dense [B, F] gradient unless the codes are dense.
+    """
+    if indices.dim() != 2 or pre.dim() != 2 or indices.shape[0] != pre.shape[0]:
+        raise ValueError(f"gather_pre_activations needs [B, K] indices for [B, F] pre-activations, got "
+                         f"{tuple(indices.shape)} and {tuple(pre.shape)}")
+    if x_c.shape[0] != pre.shape[0] or W_enc.shape != (x_c.shape[1], pre.shape[1]):
+        raise ValueError(f"gather_pre_activations: x_c {tuple(x_c.shape)}, W_enc {tuple(W_enc.shape)} and "
+                         f"pre {tuple(pre.shape)} do not fit [B, d], [d, F], [B, F]")
+    chosen = _backend(backend, W_enc)
+    if chosen == "reference":
+        return gather_pre_activations_reference(x_c, W_enc, b_enc, indices)
+    if chosen == "triton" and not is_dense(indices.shape[1], pre.shape[1]):
+        return _triton().gather_pre_activations_triton(x_c, W_enc, b_enc, pre, indices)
+    return gather_pre_activations_torch(x_c, W_enc, b_enc, pre, indices)
+
+
+def topk_encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK pre-activations of ``(x - b_dec) @ W_enc + b_enc`` -> (values [B, k], indices [B, k]).
+
+    ``W_enc`` is [d_in, d_sae]. Values are the raw pre-activations (apply ReLU after, as TopK does);
+    the backward touches only the k selected latents per token.
+    """
+    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[0]:
+        raise ValueError(f"topk_encode needs x [B, d_in] and W_enc [d_in, d_sae], got {tuple(x.shape)}, {tuple(W_enc.shape)}")
+    k = min(int(k), W_enc.shape[1])
+    if k < 1:
+        raise ValueError(f"topk_encode needs k >= 1, got {k}")
+    x_c = x - b_dec
+    pre = dense_pre_activations(x_c, W_enc, b_enc)
+    indices = pre.topk(k, dim=1).indices
+    return gather_pre_activations(x_c, W_enc, b_enc, pre, indices, backend), indices

@@ -27,6 +27,13 @@ def topk_encode_reference(
     return values, indices
 
 
+def gather_pre_activations_reference(
+    x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    """``(x_c @ W_enc + b_enc).gather(1, indices)`` through dense autograd."""
+    return (x_c @ W_enc + b_enc).gather(1, indices)
+
+
 def topk_encode_grads_reference(
     x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor, indices: torch.Tensor, grad_values: torch.Tensor
 ) -> dict[str, torch.Tensor]:

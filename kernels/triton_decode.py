@@ -16,7 +16,10 @@ Kernels (all accumulate in fp32, every load and store is masked):
   bit-reproducible. Trade-off: a latent that fires on most tokens is summed by one program per
   column tile (load imbalance) — OpenAI's blocked + atomic_add variant would spread it.
 
-``sparse_decode_triton`` is the autograd wrapper. Under ``TRITON_INTERPRET=1`` (set before this
+``sparse_decode_triton`` is the autograd wrapper. The encoder's sparse backward is the same two
+operations on other tensors (``gather_pre_activations_triton``): the input gradient is a decode of
+the value gradients through W_encᵀ, and the encoder weight gradient is the sorted per-latent sum
+with x_c in place of the output gradient. Under ``TRITON_INTERPRET=1`` (set before this
 module is imported) it runs on CPU tensors, slowly (~4 ms per program): tests only.
 """
 from __future__ import annotations
@@ -173,3 +176,33 @@ class TritonSparseDecode(torch.autograd.Function):
 def sparse_decode_triton(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _check_indices(indices, weight.shape[0])
     return TritonSparseDecode.apply(indices.contiguous(), values.contiguous(), weight.contiguous())
+
+
+class TritonGatherPreActivations(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_c, W_enc, b_enc, pre, indices):
+        ctx.save_for_backward(x_c, W_enc, indices)
+        ctx.b_enc_dtype = b_enc.dtype
+        ctx.mark_non_differentiable(pre)
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        x_c, W_enc, indices = ctx.saved_tensors
+        need_x, need_W, need_b, _, _ = ctx.needs_input_grad
+        g = grad_values.contiguous()
+        table = W_enc.T.contiguous()  # [F, d]: the selected latents' encoder columns as rows
+        grad_x = grad_W = grad_b = None
+        if need_x:
+            grad_x = decode_forward(indices, g, table).to(x_c.dtype)
+        if need_W:
+            grad_W = decode_grad_weight(indices, g, x_c.contiguous(), table).T
+        if need_b:
+            grad_b = torch.zeros(W_enc.shape[1], dtype=torch.float32, device=g.device)
+            grad_b = grad_b.index_add_(0, indices.reshape(-1), g.reshape(-1).float()).to(ctx.b_enc_dtype)
+        return grad_x, grad_W, grad_b, None, None
+
+
+def gather_pre_activations_triton(x_c, W_enc, b_enc, pre, indices) -> torch.Tensor:
+    _check_indices(indices, W_enc.shape[1])
+    return TritonGatherPreActivations.apply(x_c, W_enc, b_enc, pre, indices.contiguous())

@@ -70,12 +70,20 @@ class SparseCodes:
         """
         if source.shape != mask.shape or source.dim() != 2:
             raise ValueError(f"from_mask needs matching [B, F] tensors, got {tuple(source.shape)} and {tuple(mask.shape)}")
-        batch = mask.shape[0]
-        counts = mask.sum(dim=1)
-        width = max(int(counts.max().item()) if counts.numel() else 0, 1)
         rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's columns in ascending order
-        slots = torch.arange(rows.numel(), device=mask.device) - (counts.cumsum(0) - counts)[rows]
-        indices = torch.zeros(batch, width, dtype=torch.int64, device=mask.device).index_put((rows, slots), cols)
+        return SparseCodes.from_coordinates(source, rows, cols)
+
+    @staticmethod
+    def from_coordinates(source: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> "SparseCodes":
+        """Padded codes holding ``source[rows, cols]`` [B, F]; (rows, cols) sorted row-major, no repeats.
+
+        Values keep their autograd link to ``source``. Rows are padded to the longest row.
+        """
+        batch = source.shape[0]
+        counts = torch.bincount(rows, minlength=batch)
+        width = max(int(counts.max().item()) if counts.numel() else 0, 1)
+        slots = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+        indices = torch.zeros(batch, width, dtype=torch.int64, device=rows.device).index_put((rows, slots), cols)
         values = source.new_zeros(batch, width).index_put((rows, slots), source[rows, cols])
         return SparseCodes(indices, values, source.shape[1])
 

@@ -7,6 +7,7 @@ kept tiny because every program costs milliseconds there.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -30,6 +31,13 @@ except ImportError:  # pragma: no cover
     HAVE_TRITON = False
 
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton needs a GPU or TRITON_INTERPRET=1")
+# Triton cases run on CUDA tensors natively when a GPU is present, else on CPU in the interpreter.
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+def on_device(backend, tensors):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    return [t.to(device) for t in tensors]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
@@ -54,11 +62,12 @@ def make_codes(B, K, F, d, *, seed=0, repeat=False, padding=False):
 
 
 def decode_with_grads(backend, indices, values, weight, grad):
+    indices, values, weight, grad = on_device(backend, (indices, values, weight, grad))
     values = values.detach().clone().requires_grad_()
     weight = weight.detach().clone().requires_grad_()
     out = sparse_decode(indices, values, weight, backend=backend)
     out.backward(grad)
-    return out.detach(), values.grad, weight.grad
+    return out.detach().cpu(), values.grad.cpu(), weight.grad.cpu()
 
 
 def assert_close(actual, expected, tol):
@@ -115,50 +124,47 @@ def test_triton_writes_every_output_element():
     from sae_kit.kernels import triton_decode as td
 
     indices, values, weight, grad = make_codes(9, 5, 41, 19, repeat=True, padding=True)
-    values, weight, grad = values.float(), weight.float(), grad.float()
+    indices, values, weight, grad = on_device("triton", (indices, values.float(), weight.float(), grad.float()))
     nan = float("nan")
-    out = td.decode_forward(indices, values, weight, out=torch.full((9, 19), nan))
-    dv = td.decode_grad_values(indices, weight, grad, torch.float32, out=torch.full((9, 5), nan))
-    dw = td.decode_grad_weight(indices, values, grad, weight, out=torch.full((41, 19), nan))
+    out = td.decode_forward(indices, values, weight, out=torch.full((9, 19), nan, device=TRITON_DEVICE)).cpu()
+    dv = td.decode_grad_values(indices, weight, grad, torch.float32, out=torch.full((9, 5), nan, device=TRITON_DEVICE)).cpu()
+    dw = td.decode_grad_weight(indices, values, grad, weight, out=torch.full((41, 19), nan, device=TRITON_DEVICE)).cpu()
+    indices, values, weight, grad = (t.cpu() for t in (indices, values, weight, grad))
     dense = densify(indices, values.double(), 41)
     assert_close(out, dense @ weight.double(), 1e-5)
     assert_close(dv, (grad.double() @ weight.double().T).gather(1, indices), 1e-5)
     assert_close(dw, dense.T @ grad.double(), 1e-5)
 
 
-@needs_triton
+@pytest.mark.skipif(TRITON_DEVICE != "cpu" or not HAVE_TRITON, reason="the bounds check guards the CPU interpreter only")
 def test_triton_rejects_out_of_range_indices():
     indices = torch.tensor([[0, 7]])
     with pytest.raises(IndexError):
         sparse_decode(indices, torch.ones(1, 2), torch.randn(7, 3), backend="triton")
 
 
-def test_torch_path_chunks(monkeypatch):
-    # Tiny chunks: gathers and index_add_ sources are built a few rows at a time.
-    monkeypatch.setattr(torch_path, "CHUNK_ELEMENTS", 40)
-    check_decode("torch", torch.float32, *make_codes(19, 6, 31, 7, repeat=True, padding=True))
-    check_topk("float32", 19, 7, 31, 4, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_scatter_rows_matches_dense(dtype):
+    indices, values, _, rows = make_codes(23, 5, 31, 6, repeat=True, padding=True)
+    v, r = values.to(dtype), rows.to(dtype)
+    out = torch_path.scatter_rows(indices, v, r, 31)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(out, densify(indices, v.double(), 31).T @ r.double(), 1e-5 if dtype != torch.float64 else 1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
-def test_scatter_rows_variants_match_dense(dtype, monkeypatch):
-    monkeypatch.setattr(torch_path, "INDEX_ADD_CHUNK_ELEMENTS", 50)
-    indices, values, _, rows = make_codes(23, 5, 31, 6, repeat=True, padding=True)
-    expected = densify(indices, values, 31).T @ rows
-    v, r = values.to(dtype), rows.to(dtype)
-    tol = 1e-12 if dtype == torch.float64 else TOL[dtype] * 10  # inputs rounded to dtype
-    for fn in (torch_path.scatter_rows, torch_path.scatter_rows_index_add):
-        out = fn(indices, v, r, 31)
-        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert_close(out, densify(indices, v.double(), 31).T @ r.double(), 1e-5 if dtype != torch.float64 else 1e-12)
-        assert_close(out, expected, tol)
+def test_gather_dot_matches_dense(dtype):
+    indices, _, weight, rows = make_codes(17, 6, 29, 9, repeat=True)
+    out = torch_path.gather_dot(indices, weight.to(dtype), rows.to(dtype))
+    expected = (rows.to(dtype).double() @ weight.to(dtype).double().T).gather(1, indices)
+    assert_close(out, expected, 1e-5 if dtype != torch.float64 else 1e-12)
 
 
 def test_default_dispatch_on_cpu():
     indices, values, weight, grad = make_codes(8, 3, 50, 6)
     values, weight = values.float(), weight.float()
     out = sparse_decode(indices, values.requires_grad_(), weight)
-    assert out.grad_fn is not None and "EmbeddingBag" in type(out.grad_fn).__name__  # CPU default
+    assert out.grad_fn is not None and "SparseDecode" in type(out.grad_fn).__name__  # CPU default: torch path
     assert_close(out.detach(), sparse_decode_reference(indices, values.detach().double(), weight.double()), 1e-5)
     # dense codes go through one matrix product
     dense_idx = torch.randint(0, 10, (4, 2))
@@ -265,12 +271,114 @@ def test_torch_decode_gradcheck():
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton), None])
 def test_empty_batch(backend):
-    values = torch.zeros(0, 3, requires_grad=True)
-    weight = torch.randn(50, 4, requires_grad=True)
-    out = sparse_decode(torch.zeros(0, 3, dtype=torch.int64), values, weight, backend=backend)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    values = torch.zeros(0, 3, requires_grad=True, device=device)
+    weight = torch.randn(50, 4, requires_grad=True, device=device)
+    out = sparse_decode(torch.zeros(0, 3, dtype=torch.int64, device=device), values, weight, backend=backend)
     out.sum().backward()
     assert out.shape == (0, 4) and weight.grad.abs().sum() == 0
-    W_enc = torch.randn(4, 9, requires_grad=True)
-    vals, _ = topk_encode(torch.zeros(0, 4), W_enc, torch.zeros(9), torch.zeros(4), 3)
+    W_enc = torch.randn(4, 9, requires_grad=True, device=device)
+    zeros = partial(torch.zeros, device=device)
+    vals, _ = topk_encode(zeros(0, 4), W_enc, zeros(9), zeros(4), 3, backend=backend)
     vals.sum().backward()
     assert W_enc.grad.abs().sum() == 0
+
+
+# ------------------------------------------------------------ encoder: gather of pre-activations
+def gather_case(B, d, F, K, seed=0, dtype=torch.float32, repeat=False):
+    gen = torch.Generator().manual_seed(seed)
+    x_c, W_enc, b_enc = (torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype) for s in ((B, d), (d, F), (F,)))
+    indices = torch.randint(0, F, (B, K), generator=gen)
+    if repeat:
+        indices[:, -1] = indices[:, 0]
+        indices[0] = 0
+    grad = torch.randn(B, K, generator=gen, dtype=torch.float64).to(dtype)
+    return x_c, W_enc, b_enc, indices, grad
+
+
+def gather_with_grads(backend, x_c, W_enc, b_enc, indices, grad):
+    x_c, W_enc, b_enc, indices, grad = on_device(backend, (x_c, W_enc, b_enc, indices, grad))
+    params = [t.detach().clone().requires_grad_() for t in (x_c, W_enc, b_enc)]
+    pre = kernels.dense_pre_activations(*params)
+    out = kernels.gather_pre_activations(*params, pre, indices, backend=backend)
+    out.backward(grad)
+    return [out.detach().cpu()] + [p.grad.cpu() for p in params]
+
+
+@pytest.mark.parametrize("backend", ["torch", None, pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,d,F,K,repeat", [(1, 1, 1, 1, False), (7, 5, 13, 1, False), (13, 19, 37, 3, True),
+                                            (9, 6, 20, 5, False), (64, 33, 300, 12, True)])
+def test_gather_pre_activations_matches_reference(backend, dtype, B, d, F, K, repeat):
+    # K * 8 >= F (the 1x1, 13x1 and 20x5 cases) takes the dense backward; the others the sparse one.
+    case = gather_case(B, d, F, K, dtype=dtype, repeat=repeat)
+    expected = gather_with_grads("reference", *(t.double() if t.is_floating_point() else t for t in case))
+    actual = gather_with_grads(backend, *case)
+    for name, a, e in zip(("values", "x_c", "W_enc", "b_enc"), actual, expected):
+        assert a.dtype == dtype, name
+        assert_close(a, e, TOL[dtype])
+
+
+def test_gather_pre_activations_backward_is_sparse_and_layout_preserving():
+    B, d, F, K = 32, 8, 300, 4
+    x_c, _, b_enc, indices, grad = gather_case(B, d, F, K, repeat=True)
+    W_enc = torch.randn(F, d).T.requires_grad_()  # stored decoder-major, like the tied init
+    x_c.requires_grad_()
+    b_enc.requires_grad_()
+    pre = kernels.dense_pre_activations(x_c, W_enc, b_enc)
+    out = kernels.gather_pre_activations(x_c, W_enc, b_enc, pre, indices)
+    with MaxNumel() as mode:
+        out.backward(grad)
+    assert mode.largest < B * F
+    assert W_enc.grad.stride() == W_enc.stride()  # no transposing copy for the optimizer
+
+
+def test_dense_pre_activations_into_feature_major_buffer():
+    x_c, W_enc, b_enc, _, _ = gather_case(6, 4, 9, 1)
+    buffer = torch.empty(9, 6).T  # [B, F] view of a contiguous [F, B] buffer
+    out = kernels.dense_pre_activations(x_c, W_enc, b_enc, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr() and out.stride() == (1, 6)
+    assert_close(out, x_c.double() @ W_enc.double() + b_enc.double(), 1e-5)
+    with pytest.raises(ValueError):
+        kernels.gather_pre_activations(x_c, W_enc, b_enc, out, torch.zeros(5, 1, dtype=torch.int64))
+
+
+# ------------------------------------------------------------- batch-level selection
+def flat_top(score, total, positive=True):
+    flat = score.flatten()
+    chosen = flat.topk(min(total, flat.numel())).indices
+    if positive:
+        chosen = chosen[flat[chosen] > 0]
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[chosen] = True
+    return mask.view_as(score).nonzero(as_tuple=True)
+
+
+@pytest.mark.parametrize("B,F,total", [(1, 1, 1), (7, 13, 5), (300, 97, 900), (1024, 64, 4096), (50, 40, 2000)])
+def test_batch_top_entries_equals_flat_topk(B, F, total):
+    score = torch.randn(B, F, generator=torch.Generator().manual_seed(B))
+    for positive in (True, False):
+        rows, cols = kernels.batch_top_entries(score, total, positive=positive)
+        exp_rows, exp_cols = flat_top(score, total, positive)
+        assert torch.equal(rows, exp_rows) and torch.equal(cols, exp_cols)
+
+
+def test_batch_top_entries_fallbacks(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    score = torch.randn(512, 50, generator=gen)
+    # a sample that overshoots: the threshold keeps too few entries, so every positive is a candidate
+    monkeypatch.setattr(torch_path, "SAMPLE_MARGIN", 0.1)
+    for positive in (True, False):
+        rows, cols = kernels.batch_top_entries(score, 3000, positive=positive)
+        exp = flat_top(score, 3000, positive)
+        assert torch.equal(rows, exp[0]) and torch.equal(cols, exp[1])
+    # fewer positives than the budget: all of them, nothing else
+    sparse_score = torch.where(torch.rand(512, 50, generator=gen) < 0.01, score.abs() + 0.1, -score.abs())
+    rows, _ = kernels.batch_top_entries(sparse_score, 5000)
+    assert rows.numel() == int((sparse_score > 0).sum())
+    # a feature-major (transposed) score gives the same entries
+    rows_t, cols_t = kernels.batch_top_entries(score.T.contiguous().T, 700)
+    exp = flat_top(score, 700)
+    assert torch.equal(rows_t, exp[0]) and torch.equal(cols_t, exp[1])
+    empty = kernels.batch_top_entries(score, 0)
+    assert empty[0].numel() == 0

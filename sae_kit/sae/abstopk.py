@@ -31,6 +31,7 @@ class AbsTopKOptions:
 class AbsTopKSAE(SAE):
     architecture = "abstopk"
     Options = AbsTopKOptions
+    signed_codes = True
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

@@ -11,6 +11,11 @@ Conventions (SAELens-compatible): activations are row vectors, ``W_enc`` is [d_i
     u   = (x_n - b_dec) @ W_enc + b_enc     (b_dec pre-subtraction)
     z   = select(u)                         (SparseCodes)
     x̂   = denormalize(z @ W_dec + b_dec)
+
+Training goes through ``sae_kit.kernels``: u is computed once without autograd, the rule selects on
+it, and only the selected entries are gathered back with gradients (``code_values``), so neither
+the encoder's nor the decoder's backward builds a dense [B, d_sae] matrix. Auxiliary losses that
+need other entries of u (AuxK's dead latents) gather them the same way (``TrainingOutput.gather_pre``).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -27,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig, parse_options
 from sae_kit.fileio import atomic_write
-from sae_kit.kernels import sparse_decode
+from sae_kit.kernels import batch_top_entries, dense_pre_activations, gather_pre_activations, sparse_decode
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -60,7 +65,10 @@ class TrainingOutput:
     codes: SparseCodes
     x_n: torch.Tensor  # the normalised input
     x_hat_n: torch.Tensor  # the reconstruction in normalised space
+    # Pre-activations [B, d_sae]. On the sparse path they carry no gradient and live in a buffer
+    # reused by the next step: take gradients through ``gather_pre(indices)`` [B, K] instead.
     pre_activations: torch.Tensor
+    gather_pre: Callable[[torch.Tensor], torch.Tensor]
 
 
 class SAE(nn.Module):
@@ -73,6 +81,12 @@ class SAE(nn.Module):
     trains_encoder_bias: ClassVar[bool] = True
     # Tensors written to the weights file for other tools but rebuilt from others on load.
     derived_tensors: ClassVar[tuple[str, ...]] = ()
+    # Train through the sparse kernels (see the module doc); False backpropagates through dense u.
+    sparse_training: bool = True
+    # Per-latent rules (Feature Choice) read u column by column: lay it out feature-major.
+    feature_major_pre_activations: ClassVar[bool] = False
+    # Whether selected values keep their sign (AbsTopK) instead of being ReLU'd.
+    signed_codes: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -98,6 +112,7 @@ class SAE(nn.Module):
             self.register_buffer("b_enc", b_enc)
         # Dead-latent tracking is counted in tokens, not steps, so it does not depend on batch size.
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
+        self._pre_buffer: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- weights
     def init_encoder(self) -> None:
@@ -144,6 +159,22 @@ class SAE(nn.Module):
         """
         raise NotImplementedError
 
+    def code_values(self, gathered: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
+        """The selected codes' values recomputed, with gradients, from their gathered
+        pre-activations [B, K]; must equal ``codes.values`` (what ``select`` returned)."""
+        return torch.where(codes.active, gathered if self.signed_codes else gathered.relu(), 0)
+
+    def pre_activation_buffer(self, batch: int) -> torch.Tensor:
+        """The [B, d_sae] buffer the sparse path writes u into, reused while the batch size holds."""
+        buffer, shape = self._pre_buffer, (batch, self.cfg.d_sae)
+        if buffer is None or buffer.shape != shape or buffer.dtype != self.dtype_ or buffer.device != self.W_dec.device:
+            if self.feature_major_pre_activations:
+                buffer = torch.empty(shape[::-1], dtype=self.dtype_, device=self.W_dec.device).T
+            else:
+                buffer = torch.empty(shape, dtype=self.dtype_, device=self.W_dec.device)
+            self._pre_buffer = buffer
+        return buffer
+
     def decode_normalized(self, codes: SparseCodes) -> torch.Tensor:
         return sparse_decode(codes.indices, codes.values, self.W_dec) + self.b_dec
 
@@ -177,13 +208,29 @@ class SAE(nn.Module):
         without one the batch's own variance is used.
         """
         x_n, _ = self.normalize(x)
-        pre = self.pre_activations(x_n)
-        codes = self.select(pre, x_n)
+        if self.sparse_training:
+            x_c = x_n - self.b_dec
+            W_enc = self.encoder_weight()
+            pre = dense_pre_activations(x_c, W_enc, self.b_enc, out=self.pre_activation_buffer(x.shape[0]))
+
+            def gather_pre(indices: torch.Tensor) -> torch.Tensor:
+                return gather_pre_activations(x_c, W_enc, self.b_enc, pre, indices)
+
+            with torch.no_grad():
+                selected = self.select(pre, x_n)
+            codes = SparseCodes(selected.indices, self.code_values(gather_pre(selected.indices), selected), self.cfg.d_sae)
+        else:
+            pre = self.pre_activations(x_n)
+            codes = self.select(pre, x_n)
+
+            def gather_pre(indices: torch.Tensor) -> torch.Tensor:
+                return pre.gather(1, indices)
+
         x_hat_n = self.decode_normalized(codes)
         if input_variance is None:
             input_variance = (x_n - x_n.mean(0)).pow(2).sum(1).mean().detach()
         recon = (x_hat_n - x_n).pow(2).sum(1).mean() / input_variance
-        out = TrainingOutput(recon, {"reconstruction": recon}, codes, x_n, x_hat_n, pre)
+        out = TrainingOutput(recon, {"reconstruction": recon}, codes, x_n, x_hat_n, pre, gather_pre)
         if self.training:
             self.update_fire_stats(codes)
         for name, term in self.auxiliary_losses(out, input_variance).items():
@@ -207,7 +254,7 @@ class SAE(nn.Module):
         if weights is None:
             weights = self.dead_mask().to(out.pre_activations.dtype)
         loss = auxiliary_reconstruction_loss(
-            out.pre_activations, out.x_n - out.x_hat_n, self.W_dec, weights, self.k_aux, signed
+            out.pre_activations, out.gather_pre, out.x_n - out.x_hat_n, self.W_dec, weights, self.k_aux, signed
         )
         return {name: self.cfg.aux_coefficient * loss}
 
@@ -239,14 +286,14 @@ class SAE(nn.Module):
         update_ema(self.threshold, self.threshold_weight, observed, beta)
 
     def batch_level_select(self, score: torch.Tensor, values: torch.Tensor) -> SparseCodes:
-        """BatchTopK's rule on a score >= 0: the batch's top k·B entries while training (the smallest
-        selected score feeds the threshold EMA), ``score > threshold`` at inference."""
+        """BatchTopK's rule: the batch's top k·B entries of ``score`` that are > 0 while training (the
+        smallest selected score feeds the threshold EMA), ``score > threshold`` at inference."""
         if not self.training:
             return SparseCodes.from_mask(values, score > self.threshold)
-        mask = batch_top_mask(score, self.cfg.k * score.shape[0]) & (score > 0)
-        if mask.any():
-            self.observe_threshold(score.detach()[mask].min(), self.opts.threshold_beta)
-        return SparseCodes.from_mask(values, mask)
+        rows, cols = batch_top_entries(score.detach(), self.cfg.k * score.shape[0])
+        if rows.numel():
+            self.observe_threshold(score.detach()[rows, cols].min(), self.opts.threshold_beta)
+        return SparseCodes.from_coordinates(values, rows, cols)
 
     # ----------------------------------------------------------- training hooks
     @torch.no_grad()
@@ -332,6 +379,7 @@ def register(cls: type[SAE]) -> type[SAE]:
 
 def auxiliary_reconstruction_loss(
     pre: torch.Tensor,
+    gather_pre: Callable[[torch.Tensor], torch.Tensor],
     residual: torch.Tensor,
     W_dec: torch.Tensor,
     weights: torch.Tensor,
@@ -340,19 +388,21 @@ def auxiliary_reconstruction_loss(
 ) -> torch.Tensor:
     """Reconstruct the detached residual from the top-``k_aux`` candidate latents (weight > 0).
 
-    Candidates are ranked by ``weight * u`` (``weight * |u|`` when signed); their raw pre-activations
-    (ReLU'd unless signed) are decoded without b_dec. The MSE is normalised by the residual's batch
-    variance (OpenAI's normalized_mse) and a NaN becomes 0, as in Gao et al. Gradients reach the
-    encoder through the gathered pre-activations.
+    Candidates are ranked by ``weight * u`` (``weight * |u|`` when signed) on the candidates'
+    columns only; their raw pre-activations (ReLU'd unless signed) are decoded without b_dec. The
+    MSE is normalised by the residual's batch variance (OpenAI's normalized_mse) and a NaN becomes
+    0, as in Gao et al. Gradients reach the encoder through ``gather_pre`` (see TrainingOutput).
     """
-    candidates = weights > 0
-    n_candidates = int(candidates.sum().item())
-    if n_candidates == 0:
-        return pre.new_zeros(())
-    score = (pre.abs() if signed else pre) * weights
-    score = score.masked_fill(~candidates, float("-inf"))
-    indices = score.topk(min(k_aux, n_candidates), dim=1).indices
-    values = pre.gather(1, indices)
+    candidates = (weights > 0).nonzero().squeeze(1)
+    if candidates.numel() == 0:
+        return residual.new_zeros(())
+    if candidates.numel() <= k_aux:
+        indices = candidates.expand(pre.shape[0], -1)
+    else:
+        column_pre = pre.detach()[:, candidates]
+        score = (column_pre.abs() if signed else column_pre) * weights[candidates]
+        indices = candidates[score.topk(k_aux, dim=1).indices]
+    values = gather_pre(indices.contiguous())
     if not signed:
         values = values.relu()
     target = residual.detach()
@@ -360,15 +410,6 @@ def auxiliary_reconstruction_loss(
     baseline = (target - target.mean(0)).pow(2).sum(1).mean()
     loss = (estimate - target).pow(2).sum(1).mean() / baseline
     return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
-
-
-def batch_top_mask(score: torch.Tensor, total: int) -> torch.Tensor:
-    """Boolean mask of the ``total`` largest entries of a [B, F] matrix (BatchTopK's rule)."""
-    flat = score.flatten()
-    total = min(total, flat.numel())
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[flat.topk(total).indices] = True
-    return mask.view_as(score)
 
 
 def update_ema(current: torch.Tensor, weight: torch.Tensor, observed: torch.Tensor, beta: float) -> None:

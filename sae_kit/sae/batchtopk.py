@@ -32,8 +32,8 @@ class BatchTopKSAE(SAE):
         self.register_threshold()
 
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
-        acts = pre.relu()
-        return self.batch_level_select(acts, acts)
+        # The selected entries are > 0, so selecting on u itself equals selecting on ReLU(u).
+        return self.batch_level_select(pre, pre)
 
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
         return self.dead_latent_loss(out)

@@ -31,6 +31,7 @@ class FeatureChoiceOptions(ZipfOptions):
 class FeatureChoiceSAE(ZipfAuxMixin, SAE):
     architecture = "feature_choice"
     Options = FeatureChoiceOptions
+    feature_major_pre_activations = True
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -45,15 +46,17 @@ class FeatureChoiceSAE(ZipfAuxMixin, SAE):
         return per_rank[density_ranks(self.feature_density.cpu())]
 
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
-        acts = pre.relu()
+        # Selected entries are > 0 (thresholds are >= 0), so u stands for ReLU(u) throughout.
         if not self.training:
-            return SparseCodes.from_mask(acts, acts > self.threshold)
+            return SparseCodes.from_mask(pre, pre > self.threshold)
         capacity = self.capacities(pre.shape[0]).to(pre.device)
-        depth = int(capacity.max().item())
-        top_values, top_tokens = acts.topk(min(depth, pre.shape[0]), dim=0)  # [depth, d_sae]
-        rank = torch.arange(top_values.shape[0], device=pre.device)[:, None]
+        depth = min(int(capacity.max().item()), pre.shape[0])
+        top_values, top_tokens = pre.topk(depth, dim=0)  # [depth, d_sae]; contiguous reads when feature-major
+        rank = torch.arange(depth, device=pre.device)[:, None]
         keep = (rank < capacity[None, :]) & (top_values > 0)
-        mask = torch.zeros_like(acts, dtype=torch.bool).scatter_(0, top_tokens, keep)
-        cutoff_row = (capacity.clamp(max=top_values.shape[0]) - 1)[None, :]
+        cutoff_row = (capacity.clamp(max=depth) - 1)[None, :]
         self.observe_threshold(top_values.detach().gather(0, cutoff_row).squeeze(0).clamp_min(0), self.opts.threshold_beta)
-        return SparseCodes.from_mask(acts, mask)
+        slot, latents = keep.nonzero(as_tuple=True)
+        tokens = top_tokens[slot, latents]
+        order = torch.argsort(tokens * self.cfg.d_sae + latents)
+        return SparseCodes.from_coordinates(pre, tokens[order], latents[order])

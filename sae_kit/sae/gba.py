@@ -102,6 +102,12 @@ class GBASAE(SAE):
                 self.tokens_observed += pre.shape[0]
         return SparseCodes.from_mask(output, gate)
 
+    def code_values(self, gathered: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
+        output = gathered - self.b_enc[codes.indices]
+        if self.opts.tied:
+            output = output * self.decoder_scale[codes.indices]
+        return torch.where(codes.active, output, 0)
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         super().after_optimizer_step()

@@ -21,6 +21,8 @@ class ReluOptions:
 @register
 class ReluSAE(SAE):
     architecture = "relu"
+    # Every positive pre-activation is a code: nothing to gain from the sparse kernels.
+    sparse_training = False
     uses_k = False
     Options = ReluOptions
 

@@ -1,0 +1,37 @@
+"""The benchmark scripts stay runnable: each runs end to end at toy sizes (not a measurement)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(args: list[str], env: dict[str, str] | None = None) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_train_step_benchmark_compares_every_path():
+    toy = ["benchmarks/train_step.py", "--latents", "256", "--d-in", "32", "--tokens", "64", "--k", "4",
+           "--repeats", "1", "--threads", "1"]
+    out = run_script(toy + ["--no-memory"])
+    for path in ("floor", "dense", "ours", "ours+auxk", "saelens", "saelens+auxk", "sparsify", "sparsify+auxk",
+                 "batchtopk", "mutual_choice", "feature_choice"):
+        assert any(line.split()[:1] == [path] for line in out.splitlines()), path
+    assert "selection rules against our TopK step" in out
+    # the peak-memory probe (one fresh process per path) prints a number for each path
+    out = run_script(toy + ["--paths", "ours"])
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["floor"], ["ours"])]
+    assert len(rows) == 2 and all(float(row[-1]) >= 0 for row in rows)
+
+
+def test_gpu_benchmark_smoke_runs_under_the_interpreter():
+    out = run_script(["benchmarks/gpu_kernels.py", "--device", "cpu", "--tokens", "8", "--d-in", "16", "--latents", "64",
+                      "--step-latents", "64", "--k", "4", "--repeats", "1", "--copy-mib", "1"],
+                     env={"TRITON_INTERPRET": "1"})
+    assert "decode grad weight" in out and "encoder backward" in out and "ours+auxk" in out
