@@ -22,6 +22,7 @@ SMALL_OPTIONS: dict[str, str] = {
     "exp3_flad": "sources={pool}+{aux},every=4",
     "ucb1_flad": "sources={pool}+{aux},every=4",
     "distill": "teachers=2",
+    "arl": "sources={pool}+{aux}",
     "downstream_kl": "model={llama},hook=blocks.0.hook_resid_post,context=16,windows=2,phase=0.25,eval_tokens=256",
 }
 
