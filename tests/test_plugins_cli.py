@@ -23,6 +23,7 @@ SMALL_OPTIONS: dict[str, str] = {
     "ucb1_flad": "sources={pool}+{aux},every=4",
     "distill": "teachers=2",
     "arl": "sources={pool}+{aux}",
+    "mask_tune": "pretrain_data={target},pretrain_steps=8",
     "downstream_kl": "model={llama},hook=blocks.0.hook_resid_post,context=16,windows=2,phase=0.25,eval_tokens=256",
 }
 
