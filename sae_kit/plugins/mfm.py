@@ -8,7 +8,7 @@ inference. The SAE adaptation [plugins.md B20; our choices]:
 - mask: each active latent slot is dropped with probability ``mask_ratio`` (a seeded generator per step);
 - Rebuilder R: low rank, d_sae → rank → d_sae, evaluated sparsely: the kept codes are embedded through
   ``sparse_decode`` (an embedding bag, [B, rank]) and read out only at the dropped slots' latents
-  (ReLU'd unless the codes are signed);
+  (unconstrained values [ours]);
 - ``L_mfm = ‖W_dec·(z⊙m + R(z⊙m)⊙(1−m)) + b_dec − x‖² / Var(x)``, weight ``coefficient``; gradients
   reach the encoder (through z), the decoder and the Rebuilder (a plugin module, own optimizer group).
 
@@ -43,13 +43,13 @@ class Rebuilder(nn.Module):
         self.read = nn.Parameter(torch.zeros(d_sae, rank))  # starts by predicting 0: no effect at step 0
         self.bias = nn.Parameter(torch.zeros(d_sae))
 
-    def forward(self, codes: SparseCodes, keep: torch.Tensor, signed: bool) -> torch.Tensor:
+    def forward(self, codes: SparseCodes, keep: torch.Tensor) -> torch.Tensor:
         """[B, K] values: the kept ones as they are, the dropped ones rebuilt from the kept ones."""
         kept = torch.where(keep, codes.values, 0)
         hidden = sparse_decode(codes.indices, kept, self.embed.to(kept.dtype))  # [B, rank]
+        # Unconstrained (no ReLU even for non-negative codes): the read-out starts at 0, where a ReLU
+        # would have no gradient.
         rebuilt = (hidden.unsqueeze(1) * self.read[codes.indices]).sum(-1) + self.bias[codes.indices]
-        if not signed:
-            rebuilt = rebuilt.relu()
         dropped = codes.active & ~keep
         return torch.where(dropped, rebuilt.to(kept.dtype), kept)
 
@@ -82,7 +82,7 @@ class MFM(Plugin):
 
     def masked_loss(self, sae, codes: SparseCodes, x_n: torch.Tensor, keep: torch.Tensor,
                     input_variance: float) -> torch.Tensor:
-        values = self.modules["rebuilder"](codes, keep, sae.signed_codes)
+        values = self.modules["rebuilder"](codes, keep)
         x_hat = sae.decode_normalized(SparseCodes(codes.indices, values, codes.d_sae))
         return (x_hat - x_n).pow(2).sum(1).mean() / input_variance
 
@@ -110,7 +110,7 @@ class MFM(Plugin):
             codes = sae.select(sae.pre_activations(x_n), x_n)
             keep = drop_mask(codes, self.opts.mask_ratio, generator)
             dropped = SparseCodes(codes.indices, torch.where(keep, codes.values, 0), codes.d_sae)
-            rebuilt = SparseCodes(codes.indices, self.modules["rebuilder"](codes, keep, sae.signed_codes), codes.d_sae)
+            rebuilt = SparseCodes(codes.indices, self.modules["rebuilder"](codes, keep), codes.d_sae)
             dropped_metrics.update(x, norm.undo(sae.decode_normalized(dropped)), dropped)
             rebuilt_metrics.update(x, norm.undo(sae.decode_normalized(rebuilt)), rebuilt)
             seen += x.shape[0]
