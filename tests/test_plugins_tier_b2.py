@@ -349,3 +349,34 @@ def test_arl_batches_mix_sources_evenly_and_downweight_the_harder_one(tmp_path):
     harder = int(torch.tensor([metrics["fvu_source_0"], metrics["fvu_source_1"]]).argmax())
     assert plugin.weights[harder] < 1 < plugin.weights[1 - harder]
     assert metrics["worst_fvu"] == max(metrics["fvu_source_0"], metrics["fvu_source_1"])
+
+
+# ------------------------------------------------------------------------- exact resume per plugin
+@pytest.mark.parametrize("spec", ["conr:omega=0.5", "mfm:rank=8", "lfu", "decorrelate:coefficient=0.01",
+                                  "arl:count=2,warmup=0.1", "stn:every=3", "mask_tune:pretrain_steps=6"])
+def test_plugin_runs_resume_bit_exact(spec, tmp_path):
+    from sae_kit.train.trainer import Trainer
+
+    steps = 24
+    reference, _ = tiny_trainer(tmp_path / "reference", steps, [spec], checkpoint_every=8)
+    expected = reference.run().state_dict()
+
+    class Stop(Exception):
+        pass
+
+    interrupted, source = tiny_trainer(tmp_path / "resumed", steps, [spec], checkpoint_every=8)
+    original = interrupted.train_step
+
+    def stop_at_19(x):
+        if interrupted.step == 19:
+            raise Stop
+        return original(x)
+
+    interrupted.train_step = stop_at_19
+    with pytest.raises(Stop):
+        interrupted.run()
+    resumed = Trainer(interrupted.cfg, source, resume=True)
+    assert resumed.step == 16
+    got = resumed.run().state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected), spec

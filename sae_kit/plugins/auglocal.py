@@ -17,19 +17,19 @@ Caveat, stated by the reference: skipping blocks of a frozen model feeds the kep
 their training distribution (AugLocal's auxiliary networks are trained; ours are not). The exact
 variant (every later block) is ``downstream_kl`` with ``phase=1``.
 
-Model, hook, text and the evaluation (CE-loss recovered with the full model, held-out text) are as in
-``downstream_kl``; ``kl_weight=0`` only evaluates (the ablation's baseline).
+Model, hook and text as in ``downstream_kl``; ``evaluate`` reports CE-loss recovered, KL and Δ LM
+loss with the full model on held-out text; ``kl_weight=0`` only evaluates (the ablation's baseline).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from sae_kit.config import ConfigError
-from sae_kit.plugins.api import Ablation, StepContext, option
-from sae_kit.plugins.downstream_kl import DownstreamKL
+from sae_kit.plugins._text_model import ModelWindows
+from sae_kit.plugins.api import Ablation, Plugin, StepContext, option
 
 
 def uniform_subset(layer: int, n_layers: int, depth: int) -> list[int]:
@@ -64,7 +64,7 @@ def skip_blocks(blocks: list[int]) -> dict[str, Callable[[torch.Tensor], torch.T
     return hooks
 
 
-class AugLocal(DownstreamKL):
+class AugLocal(Plugin):
     name = "auglocal"
     paper = "AugLocal (augmented local learning)"
     summary = "loss: KL through a uniformly sampled subset of the later frozen blocks, with the SAE spliced in"
@@ -84,12 +84,15 @@ class AugLocal(DownstreamKL):
         eval_tokens: int = option(8192, "held-out text tokens for CE-loss recovered")
 
     def validate(self) -> None:
-        super().validate()
-        if self.opts.depth < 1:
-            raise ConfigError(f"auglocal: depth must be >= 1, got {self.opts.depth}")
+        o = self.opts
+        if o.depth < 1 or o.context < 2 or o.windows < 1 or o.kl_weight < 0 or not 0 < o.phase <= 1:
+            raise ConfigError("auglocal: need depth >= 1, context >= 2, windows >= 1, kl_weight >= 0, 0 < phase <= 1")
+        self.window = (1.0 - o.phase, 1.0)
 
     def setup(self, trainer) -> None:
-        super().setup(trainer)
+        o = self.opts
+        self.text = ModelWindows(self.name, trainer, o.model, o.hook, o.dataset, o.context, o.windows)
+        self.model, self.hook = self.text.model, self.text.hook
         layer, n_layers = self.model.layer_of(self.hook), self.model.n_layers
         self.kept = uniform_subset(layer, n_layers, auxiliary_depth(layer, n_layers, self.opts.depth))
         self.skipped = [block for block in range(layer + 1, n_layers) if block not in self.kept]
@@ -99,8 +102,8 @@ class AugLocal(DownstreamKL):
 
         if self.opts.kl_weight == 0:
             return {}
-        tokens = self.next_tokens().to(self.model.device)
-        keep = self.stream.keep_mask(tokens)
+        tokens = self.text.next_tokens()
+        keep = self.text.stream.keep_mask(tokens)
         sae = ctx.sae
 
         def spliced(acts: torch.Tensor) -> torch.Tensor:
@@ -113,3 +116,19 @@ class AugLocal(DownstreamKL):
         kl = kl_to_clean(clean, with_sae)
         ctx.logs["auglocal/kl"] = kl.item()
         return {"kl": self.opts.kl_weight * kl}
+
+    def evaluate(self, sae, trainer) -> dict[str, Any]:
+        from sae_kit.eval.in_model import evaluate_in_model
+
+        was_training = sae.training
+        metrics = evaluate_in_model(sae, self.model, hook=self.hook, dataset=self.opts.dataset,
+                                    context=self.opts.context, max_tokens=self.opts.eval_tokens, progress=False)
+        sae.train(was_training)  # evaluate_in_model leaves it in eval mode
+        return {key: metrics[key] for key in ("ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl_div", "delta_lm_loss")}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "windows_used": self.text.windows_used}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.text.restore(state["windows_used"])
