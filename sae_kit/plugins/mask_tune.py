@@ -101,6 +101,9 @@ class MaskTune(Plugin):
             sae.load_state_dict(source.state_dict())
         original.eval()
         if self.opts.tune == "mask":
+            if not isinstance(sae.W_enc, nn.Parameter):
+                raise ConfigError(f"mask_tune: the {sae.architecture} SAE has no free encoder matrix to mask "
+                                  "(tied or already parametrised); use tune=full or another architecture")
             sae.requires_grad_(False)
             self.modules["mask"] = nn.ParameterDict({"W_enc": nn.Parameter(torch.ones_like(sae.W_enc, dtype=torch.float32))})
             parametrize.register_parametrization(sae, "W_enc", BinaryMask(self.modules["mask"]["W_enc"], self.opts.threshold))

@@ -76,6 +76,9 @@ class STN(Plugin):
 
     def setup(self, trainer) -> None:
         sae = trainer.sae
+        if not sae.trains_encoder_bias:
+            raise ConfigError(f"stn: the {sae.architecture} architecture sets its encoder bias by its own rule; "
+                              "the best response lives in b_enc, so use an architecture that trains it (topk, batchtopk...)")
         self.seed = trainer.cfg.seed
         initial = [math.log(max(trainer.cfg.aux_coefficient, 1e-12)), math.log(self.opts.noise)]
         self.reference = torch.tensor(initial)
