@@ -184,13 +184,13 @@ def test_graddrop_keeps_agreeing_gradients_and_one_sign_of_conflicting_ones():
 
     g1 = torch.tensor([1.0, 2.0, -1.0, 3.0])
     g2 = torch.tensor([0.5, -2.0, -1.0, -1.0])
-    n = 20000
+    n = 4000
     draws = torch.stack([graddrop([g1, g2], u) for u in torch.rand(n, 4, generator=torch.Generator().manual_seed(0))])
     assert torch.all(draws[:, 0] == 1.5) and torch.all(draws[:, 2] == -2.0)  # same sign: the sum
     assert set(draws[:, 1].tolist()) <= {2.0, -2.0} and set(draws[:, 3].tolist()) <= {3.0, -1.0}
     # P(keep the positive side) = ½(1 + Σg / Σ|g|): 0.5 for (2, -2), 0.75 for (3, -1).
-    assert abs((draws[:, 1] > 0).float().mean() - 0.5) < 0.02
-    assert abs((draws[:, 3] > 0).float().mean() - 0.75) < 0.02
+    assert abs((draws[:, 1] > 0).float().mean() - 0.5) < 0.04  # 5 standard errors
+    assert abs((draws[:, 3] > 0).float().mean() - 0.75) < 0.04
 
 
 def test_mask_tune_prunes_corrupted_encoder_entries_and_keeps_the_decoder(tmp_path):

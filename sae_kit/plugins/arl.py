@@ -20,6 +20,11 @@ width). Each step draws ``batch_size / S`` rows from each of the S sources; then
 ``evaluate`` reports each source's held-out FVU, their mean and the worst. Sources: activation-store
 folders joined by ``+``, or ``auto`` on synthetic data (the run's planted set and ``count − 1`` sets
 with other dictionaries). For a single source ARL would reduce to whitening; that is not offered.
+
+Measured [ablations/arl-topk.json; `sae-kit ablate --plugin arl --data synthetic --seeds 3`: topk,
+two planted sources with different dictionaries, d=64, d_sae 512, k 5, 500 steps; baseline: the same
+sources with uniform weights]: mean per-source FVU 0.49158 → 0.49184 (paired difference +0.00027 ±
+0.00007, "hurts", a tiny effect); the run's own source (source 0) 0.4893 → 0.4831.
 """
 from __future__ import annotations
 

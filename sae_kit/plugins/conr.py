@@ -20,6 +20,12 @@ code keeps only anchors with both).
 
 Defaults [chosen]: ``omega=0.2``, ``temperature=0.07``, ``e=1`` (the official e=0.01 is for age
 distances in years; cosine distances are ≤ 2), ``coefficient=0.05``, ``anchors=512``.
+
+Measured [ablations/conr-topk.json; `sae-kit ablate --plugin conr --data synthetic --seeds 3`: topk,
+planted sharkey d=64, d_sae 512, k 5, 500 steps]: a negative result. FRR@0.9 0.160 → 0.049 (paired
+difference −0.111 ± 0.010, "hurts"), FVU 0.361 → 0.441; with coefficient=0.005 still FRR@0.9
+0.160 → 0.137 (−0.023 ± 0.010), FVU 0.377. Our reading: pulling codes of input-similar tokens together competes
+with the sparse code's job of telling them apart.
 """
 from __future__ import annotations
 

@@ -21,6 +21,11 @@ term is not implemented: it pushes codes toward low rank, against an over-comple
 (mean over latents of the largest |cos| to another decoder row) and ``code_correlation`` (mean squared
 off-diagonal correlation among the latents that fire). ``coefficient=0`` measures only (the
 ablation's baseline).
+
+Measured [ablations/decorrelate-topk.json; `sae-kit ablate --plugin decorrelate --data synthetic
+--seeds 3`: topk, planted sharkey d=64, d_sae 512, k 5, 500 steps, coefficient 1e-2]: code_correlation
+0.00032 → 0.00028 (paired difference −0.00004, all 3 seeds; "helps"), at a cost: FVU 0.361 → 0.373,
+MMCS 0.662 → 0.644; FRR@0.9 0.160 → 0.171.
 """
 from __future__ import annotations
 

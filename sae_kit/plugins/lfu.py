@@ -22,6 +22,11 @@ distance between two sparse codes is computed on the supports (‖z‖² + ‖z'
 
 Defaults [chosen]: ``alpha=0.05``, ``coefficient=0.1``. The low-rank (LoRA-like ΔW_enc) variant is
 not implemented.
+
+Measured [ablations/lfu-topk.json; `sae-kit ablate --plugin lfu --data synthetic --seeds 3`: topk,
+planted sharkey d=64, d_sae 512, k 5, 500 steps over a finite cache of 8192 tokens]: held-out FVU
+0.4204 → 0.4098 (paired difference −0.0106 ± 0.0015; "helps"), FRR@0.9 0.106 → 0.122, dead fraction
+0.089 → 0.108.
 """
 from __future__ import annotations
 

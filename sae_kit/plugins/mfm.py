@@ -17,6 +17,10 @@ Risk, as the reference notes: the term rewards latents that are predictable from
 of the active latents are dropped (no Rebuilder), the robustness MFM is meant to bring, and
 ``fvu_rebuilt`` with the Rebuilder filling them. ``coefficient=0`` only measures (ablation baseline).
 Defaults [chosen]: ``mask_ratio=0.15``, ``rank=64``, ``coefficient=0.1``.
+
+Measured [ablations/mfm-topk.json; `sae-kit ablate --plugin mfm --data synthetic --seeds 3`: topk,
+planted sharkey d=64, d_sae 512, k 5, 500 steps]: neutral. fvu_dropped 0.4323 → 0.4317 (paired
+difference −0.0007 ± 0.0008), FVU 0.3611 → 0.3604.
 """
 from __future__ import annotations
 
