@@ -22,7 +22,11 @@ SMALL_OPTIONS: dict[str, str] = {
     "exp3_flad": "sources={pool}+{aux},every=4",
     "ucb1_flad": "sources={pool}+{aux},every=4",
     "distill": "teachers=2",
+    "arl": "sources={pool}+{aux}",
+    "mask_tune": "pretrain_data={target},pretrain_steps=8",
     "downstream_kl": "model={llama},hook=blocks.0.hook_resid_post,context=16,windows=2,phase=0.25,eval_tokens=256",
+    "auglocal": "model={llama},hook=blocks.0.hook_resid_post,context=16,windows=2,eval_tokens=256",
+    "text_aug": "model={llama},hook=blocks.0.hook_resid_post,context=16,windows=2",
 }
 
 RUN = ["--arch", "topk", "--k", "4", "--d-sae", "64", "--batch-size", "128", "--tokens", str(128 * 16),
