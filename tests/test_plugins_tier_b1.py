@@ -83,3 +83,152 @@ def test_compander_parametrises_the_encoder_trains_its_shape_and_bakes(tmp_path)
 
     assert not parametrize.is_parametrized(final)
     assert final.W_enc.abs().max() <= shape.log_beta.exp().item() * (1 + 1e-6)
+
+
+# ------------------------------------------------------------------------------------ hard_tokens
+def test_hard_tokens_ranking_loss_teaches_the_predictor_the_loss_order():
+    from scipy.stats import spearmanr
+
+    from sae_kit.plugins.hard_tokens import pairwise_ranking_loss
+
+    torch.manual_seed(0)
+    direction = torch.randn(D_IN)
+    predictor = torch.nn.Sequential(torch.nn.Linear(D_IN, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(predictor.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(150):  # "loss" = squared projection on a hidden direction: only its order is taught
+        x = torch.randn(256, D_IN)
+        loss = pairwise_ranking_loss(predictor(x).squeeze(1), (x @ direction).pow(2), 256, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    x = torch.randn(1024, D_IN)
+    rho = spearmanr(predictor(x).squeeze(1).detach().numpy(), (x @ direction).pow(2).numpy()).statistic
+    assert rho > 0.8
+
+
+def test_hard_tokens_selects_the_predicted_hardest_share_and_never_outliers(tmp_path):
+    from sae_kit.plugins.hard_tokens import select_hard
+
+    predicted = torch.arange(20, dtype=torch.float32)
+    eligible = torch.ones(20, dtype=torch.bool)
+    eligible[19] = False  # the top-scored token is an outlier
+    rows = select_hard(predicted, keep=8, hard=3, generator=torch.Generator().manual_seed(0), eligible=eligible)
+    assert rows.numel() == 8 and rows.unique().numel() == 8
+    assert rows[:3].tolist() == [18, 17, 16]
+
+    steps = 10
+    trainer, source = tiny_trainer(tmp_path, steps, ["hard_tokens:hardness=0.5"])
+    plugin = trainer.plugins.plugins[0]
+    candidates = next(source.iter_batches(2 * BATCH, seed=3))
+    trainer.step = steps  # the end of the ramp: half of the batch is the predicted-hardest
+    kept = plugin.transform_batch(Batch(candidates.clone()), trainer).x
+    assert kept.shape == (BATCH, D_IN)
+    with torch.no_grad():
+        scores = plugin.predict(candidates)
+    hardest = candidates[scores.topk(BATCH // 2).indices]
+    assert all(bool((row == kept).all(1).any()) for row in hardest)
+    trainer.step = 0
+    assert plugin.share(0) == 0.0
+
+
+def test_hard_tokens_weight_mode_up_weights_predicted_hard_tokens(tmp_path):
+    trainer, source = tiny_trainer(tmp_path, 10, ["hard_tokens:mode=weight,hardness=1.0"])
+    plugin = trainer.plugins.plugins[0]
+    assert trainer.plugins.oversample == 1
+    trainer.step = 10
+    x = next(source.iter_batches(BATCH, seed=3))
+    weight = plugin.transform_batch(Batch(x), trainer).weight
+    with torch.no_grad():
+        order = plugin.predict(x).argsort()
+    assert weight.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.all(weight[order].diff() >= -1e-6) and weight.max() / weight.min() == pytest.approx(2.0, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------- rand_augment
+def test_rand_augment_draws_n_distinct_operations_per_token():
+    from sae_kit.plugins.rand_augment import OPERATIONS, draw_operations
+
+    chosen = draw_operations(4000, 2, torch.Generator().manual_seed(0))
+    assert torch.all(chosen.sum(1) == 2)
+    frequency = chosen.float().mean(0)  # uniform: each operation on 2/5 of the tokens
+    assert torch.allclose(frequency, torch.full((len(OPERATIONS),), 0.4), atol=0.03)
+
+
+def test_rand_augment_operations_at_their_stated_magnitude():
+    from sae_kit.plugins.rand_augment import OPERATIONS, augment
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, D_IN, generator=generator) + 1.0
+    directions = torch.nn.functional.normalize(torch.randn(3, D_IN, generator=generator), dim=1)
+
+    def only(op):
+        chosen = torch.zeros(x.shape[0], len(OPERATIONS), dtype=torch.bool)
+        chosen[:, OPERATIONS.index(op)] = True
+        return augment(x, chosen, 1.0, torch.Generator().manual_seed(1), directions, 2.0)
+
+    out, target = only("scale")
+    ratio = out.norm(dim=1) / x.norm(dim=1)
+    assert torch.equal(out, target) and ratio.min() >= 0.8 - 1e-5 and ratio.max() <= 1.2 + 1e-5 and ratio.std() > 0.05
+    out, _ = only("dropout")
+    assert (out == 0).float().mean().item() == pytest.approx(0.1, abs=0.01)
+    assert torch.allclose(out[out != 0], (x / 0.9)[out != 0])
+    out, _ = only("mix")
+    partner = (out - 0.8 * x) / 0.2  # every mixed token is 0.8·itself + 0.2·another token
+    assert all(bool(((row - x).abs().max(1).values < 1e-4).any()) for row in partner[:50])
+    out, _ = only("shift")
+    step = out - x  # ± 2.0 along one of the directions
+    assert torch.allclose(step.norm(dim=1), torch.full((x.shape[0],), 2.0), atol=1e-4)
+    assert torch.allclose((step @ directions.T).abs().max(1).values, torch.full((x.shape[0],), 2.0), atol=1e-4)
+    out, target = only("noise")
+    assert torch.equal(target, x)  # denoising: the clean token is the target
+    assert (out - x).pow(2).mean().sqrt().item() == pytest.approx(0.1 * x.pow(2).mean().sqrt().item(), rel=0.05)
+
+
+def test_rand_augment_is_identity_at_magnitude_zero_and_reproducible(tmp_path):
+    trainer, source = tiny_trainer(tmp_path, 4, ["rand_augment:magnitude=0"])
+    x = next(source.iter_batches(BATCH, seed=0))
+    batch = trainer.plugins.plugins[0].transform_batch(Batch(x.clone()), trainer)
+    assert torch.equal(batch.x, x) and batch.target is None
+    trainer, _ = tiny_trainer(tmp_path / "on", 4, ["rand_augment:ops=2,magnitude=9"])
+    plugin = trainer.plugins.plugins[0]
+    first = plugin.transform_batch(Batch(x.clone()), trainer)
+    again = plugin.transform_batch(Batch(x.clone()), trainer)
+    assert torch.equal(first.x, again.x) and not torch.equal(first.x, x)  # a pure function of (seed, step)
+
+
+# --------------------------------------------------------------------------------------- pg_noise
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_pg_noise_reinforce_moves_the_mask_toward_the_reward(sign):
+    from sae_kit.plugins.pg_noise import MaskPolicy, reinforce_loss
+
+    torch.manual_seed(0)
+    policy = MaskPolicy(D_IN)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=0.05)
+    x = torch.randn(256, D_IN)
+    start = policy(x).mean.mean().item()
+    baseline = None
+    for _ in range(60):
+        with torch.no_grad():
+            mask = policy(x).sample()
+        reward = sign * mask.mean(1)  # constructed: more (or less) noise is rewarded
+        baseline = reward.mean().item() if baseline is None else 0.9 * baseline + 0.1 * reward.mean().item()
+        optimizer.zero_grad()
+        reinforce_loss(policy, x, mask, reward, baseline).backward()
+        optimizer.step()
+    end = policy(x).mean.mean().item()
+    assert (end - start) * sign > 0.15
+
+
+def test_pg_noise_denoises_in_the_heating_phase_only(tmp_path):
+    steps = 10
+    trainer, source = tiny_trainer(tmp_path, steps, ["pg_noise:sigma=0.5,heat=0.3"])
+    plugin = trainer.plugins.plugins[0]
+    x = next(source.iter_batches(BATCH, seed=0))
+    batch = plugin.transform_batch(Batch(x.clone()), trainer)
+    assert torch.equal(batch.target, x) and not torch.equal(batch.x, x)
+    bound = 0.5 * plugin.modules.data_std * 6  # mask <= 1, |ε| < 6
+    assert torch.all((batch.x - x).abs() <= bound)
+    logged = []
+    drive(trainer, source, steps, lambda t, record: logged.append("pg_noise/policy" in record))
+    assert logged == [True] * 3 + [False] * 7  # REINFORCE term only while heating (first 30 %)
