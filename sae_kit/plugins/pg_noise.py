@@ -81,8 +81,10 @@ class PolicyGradientNoise(Plugin):
     def setup(self, trainer) -> None:
         self.modules["policy"] = MaskPolicy(trainer.sae.cfg.d_in)
         if not trainer.resumed:
-            sample = trainer.source.sample(min(trainer.cfg.init_tokens, 4096), seed=trainer.cfg.seed,
-                                           heldout_fraction=trainer.cfg.heldout_fraction).to(torch.float32)
+            cfg, n = trainer.cfg, min(trainer.cfg.init_tokens, 4096)
+            if hasattr(trainer.source, "split"):  # a finite store: at most its training split
+                n = min(n, len(trainer.source.split(cfg.heldout_fraction).train))
+            sample = trainer.source.sample(n, seed=cfg.seed, heldout_fraction=cfg.heldout_fraction).to(torch.float32)
             self.modules.register_buffer("data_std", sample.std(0))
         else:
             self.modules.register_buffer("data_std", torch.zeros(trainer.sae.cfg.d_in))  # loaded next
