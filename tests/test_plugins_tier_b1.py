@@ -232,3 +232,57 @@ def test_pg_noise_denoises_in_the_heating_phase_only(tmp_path):
     logged = []
     drive(trainer, source, steps, lambda t, record: logged.append("pg_noise/policy" in record))
     assert logged == [True] * 3 + [False] * 7  # REINFORCE term only while heating (first 30 %)
+
+
+# ------------------------------------------------------------------------------------------ mixup
+def test_mixup_target_is_the_top_k_of_the_mixed_codes():
+    from sae_kit.codes import SparseCodes
+    from sae_kit.plugins.mixup import mixed_target
+
+    first = SparseCodes(torch.tensor([[0, 1, 2]]), torch.tensor([[3.0, 2.0, 1.0]]), 8)
+    second = SparseCodes(torch.tensor([[5, 6, 2]]), torch.tensor([[4.0, 0.5, 3.0]]), 8)
+    assert torch.equal(mixed_target(first, second, torch.tensor([1.0]), 3), first.to_dense())
+    half = mixed_target(first, second, torch.tensor([0.5]), 3)  # union {0,1,2,5,6}: keep the 3 largest
+    assert torch.allclose(half, torch.tensor([[1.5, 0, 2.0, 0, 0, 2.0, 0, 0]]))
+    assert torch.allclose(mixed_target(first, second, torch.tensor([0.5]), None)[0, 6], torch.tensor(0.25))
+
+
+def test_mixup_consistency_is_zero_at_the_ends_and_its_gradient_makes_codes_linear(tmp_path):
+    from sae_kit.plugins.mixup import codes_with_gradient, consistency, mixed_target
+
+    trainer, source = tiny_trainer(tmp_path, 4, ["mixup"])
+    sae = trainer.sae
+    x = next(source.iter_batches(BATCH, seed=0))
+    i, j = torch.arange(64), torch.arange(64, 128)
+    ends = torch.tensor([0.0, 1.0]).repeat(32)
+    with torch.no_grad():
+        target = mixed_target(sae.encode(x[i]), sae.encode(x[j]), ends, sae.cfg.k)
+    mixed = codes_with_gradient(sae, ends[:, None] * x[i] + (1 - ends[:, None]) * x[j])
+    assert consistency(mixed, target).item() < 1e-10
+
+    lam = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    x_mix = lam[:, None] * x[i] + (1 - lam[:, None]) * x[j]
+    optimizer = torch.optim.Adam([sae.W_enc, sae.b_enc], lr=3e-3)
+    errors = []
+    for _ in range(40):
+        with torch.no_grad():
+            target = mixed_target(sae.encode(x[i]), sae.encode(x[j]), lam, sae.cfg.k)
+        loss = consistency(codes_with_gradient(sae, x_mix), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        errors.append(loss.item())
+    assert errors[-1] < 0.7 * errors[0]
+
+
+def test_mixup_intrusion_guard_drops_mixes_that_look_real(tmp_path):
+    trainer, source = tiny_trainer(tmp_path, 4, ["mixup:discriminator=true"])
+    plugin = trainer.plugins.plugins[0]
+    x = next(source.iter_batches(BATCH, seed=0))
+    out = trainer.sae.training_forward(x, trainer.input_variance)
+    terms = plugin.loss_terms(StepContext(trainer, Batch(x), out, 0))
+    assert set(terms) >= {"discriminator"} and terms["discriminator"].item() > 0
+    with torch.no_grad():
+        plugin.modules["discriminator"][-1].bias.fill_(100.0)  # every input looks real: all mixes intrude
+    ctx = StepContext(trainer, Batch(x), out, 0)
+    assert "consistency" not in plugin.loss_terms(ctx) and ctx.logs["mixup/intrusions"] == 1.0
