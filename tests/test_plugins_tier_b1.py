@@ -286,3 +286,71 @@ def test_mixup_intrusion_guard_drops_mixes_that_look_real(tmp_path):
         plugin.modules["discriminator"][-1].bias.fill_(100.0)  # every input looks real: all mixes intrude
     ctx = StepContext(trainer, Batch(x), out, 0)
     assert "consistency" not in plugin.loss_terms(ctx) and ctx.logs["mixup/intrusions"] == 1.0
+
+
+# -------------------------------------------------------------------------------------------- elr
+def test_elr_token_keys_identify_rows_by_content():
+    from sae_kit.plugins.elr import token_keys
+
+    x = torch.randn(10_000, D_IN, generator=torch.Generator().manual_seed(0))
+    keys = token_keys(x)
+    assert keys.unique().numel() == x.shape[0]
+    order = torch.randperm(x.shape[0])
+    assert torch.equal(token_keys(x[order]), keys[order])
+    nudged = x.clone()
+    nudged[:, 5] = torch.nextafter(nudged[:, 5], torch.tensor(float("inf")))  # one ulp in one dimension
+    assert not torch.any(token_keys(nudged) == keys)
+
+
+def test_elr_targets_are_the_per_token_ema_of_code_distributions():
+    from sae_kit.codes import SparseCodes
+    from sae_kit.plugins.elr import TargetTable, inner_product, token_keys
+
+    beta = 0.7
+    table = TargetTable(width=4, capacity=5)
+    x = torch.randn(6, D_IN, generator=torch.Generator().manual_seed(1))
+    p1 = SparseCodes(torch.tensor([[1, 2]] * 4), torch.tensor([[0.75, 0.25]] * 4), 16)
+    found, target = table.update(token_keys(x[:4]), p1, beta)
+    assert found.all() and torch.allclose(target.to_dense(), (1 - beta) * p1.to_dense())  # ELR's t starts at 0
+    # The same tokens later, in another order and another batch, with another prediction.
+    order = torch.tensor([5, 2, 0, 4])  # tokens 4 and 5 are new; only one fits (capacity 5)
+    p2 = SparseCodes(torch.tensor([[2, 3]] * 4), torch.tensor([[0.5, 0.5]] * 4), 16)
+    found, target = table.update(token_keys(x[order]), p2, beta)
+    assert len(table) == 5 and int(found.sum()) == 3
+    expected = beta * (1 - beta) * p1.to_dense()[0] + (1 - beta) * p2.to_dense()[0]
+    for row in (1, 2):  # tokens 2 and 0: seen twice
+        assert torch.allclose(target.to_dense()[row], expected, atol=1e-3)  # (float16 storage)
+    assert torch.allclose(inner_product(p2, target)[1], (expected * p2.to_dense()[0]).sum(), atol=1e-3)
+
+
+def test_elr_gradient_pulls_codes_toward_their_targets(tmp_path):
+    from sae_kit.codes import SparseCodes
+    from sae_kit.plugins.elr import code_distribution, elr_term, inner_product
+
+    trainer, source = tiny_trainer(tmp_path, 4, ["elr"])
+    sae = trainer.sae
+    x = next(source.iter_batches(BATCH, seed=0))
+    with torch.no_grad():  # constructed targets: all mass on each token's currently weakest latent
+        codes = sae.training_forward(x, trainer.input_variance).codes
+        weakest = codes.values.argmin(1, keepdim=True)
+        target = SparseCodes(codes.indices.gather(1, weakest), torch.ones(BATCH, 1), D_SAE)
+    optimizer = torch.optim.Adam([sae.W_enc, sae.b_enc], lr=5e-3)
+    agreements = []
+    for _ in range(10):
+        codes = sae.training_forward(x, trainer.input_variance).codes
+        agreement = inner_product(SparseCodes(codes.indices, code_distribution(codes), D_SAE), target)
+        agreements.append(agreement.mean().item())
+        optimizer.zero_grad()
+        elr_term(agreement).backward()
+        optimizer.step()
+    assert agreements[-1] > agreements[0] + 0.05  # the weakest latents' share of each code grows
+
+
+def test_elr_regularises_tokens_seen_before_in_training(tmp_path):
+    trainer, source = tiny_trainer(tmp_path, 4, ["elr"])
+    plugin = trainer.plugins.plugins[0]
+    x = next(source.iter_batches(BATCH, seed=0))
+    first = trainer.train_step(x.clone())
+    second = trainer.train_step(x[torch.randperm(BATCH)])  # the same tokens, reshuffled: the next epoch
+    assert first["elr/tokens"] == BATCH == second["elr/tokens"]
+    assert 0 < first["elr/agreement"] < second["elr/agreement"] < 1
