@@ -354,3 +354,44 @@ def test_elr_regularises_tokens_seen_before_in_training(tmp_path):
     second = trainer.train_step(x[torch.randperm(BATCH)])  # the same tokens, reshuffled: the next epoch
     assert first["elr/tokens"] == BATCH == second["elr/tokens"]
     assert 0 < first["elr/agreement"] < second["elr/agreement"] < 1
+
+
+# ------------------------------------------------------------------------------------- preference
+def test_preference_anchors_each_concept_on_its_reserved_latent(tmp_path):
+    from sae_kit.plugins.preference import synthetic_pairs, write_pairs
+
+    steps = 40
+    # Constructed pairs written to a file: concept c (0..2) = planted feature 10 + c, preferred adds it.
+    _, source = tiny_trainer(tmp_path / "probe", 1, [])
+    features = source.dataset.features[10:13]
+    base = source.dataset.sample(600, torch.Generator().manual_seed(9))[0]
+    pairs = synthetic_pairs(features, base, 3, 1.0, torch.Generator().manual_seed(3))
+    path = write_pairs(tmp_path / "pairs.safetensors", pairs["preferred"], pairs["rejected"], pairs["concept"])
+    results = {}
+    for coefficient in (0.0, 1.0):
+        trainer, _ = tiny_trainer(tmp_path / str(coefficient), steps,
+                                  [f"preference:pairs={path},coefficient={coefficient},first_latent=5"])
+        drive(trainer, source, steps)
+        plugin = trainer.plugins.plugins[0]
+        results[coefficient] = plugin.evaluate(trainer.sae, trainer)
+        columns = torch.nn.functional.normalize(trainer.sae.W_enc[:, 5:8].T.detach(), dim=1)
+        results[coefficient]["alignment"] = float((columns * features).sum(1).mean())
+    assert results[1.0]["pair_accuracy"] > 0.95 and results[0.0]["pair_accuracy"] < 0.8
+    assert results[1.0]["heldout_pairs"] == 120
+    # The reserved latents turn toward their concepts (the baseline's are random directions).
+    assert results[1.0]["alignment"] > 0.25 and results[1.0]["alignment"] > results[0.0]["alignment"] + 0.3
+
+
+def test_preference_reports_bad_pair_files(tmp_path):
+    from sae_kit.config import ConfigError
+    from sae_kit.plugins.preference import write_pairs
+
+    with pytest.raises(ConfigError, match="cannot read the pairs file"):
+        tiny_trainer(tmp_path / "a", 2, [f"preference:pairs={tmp_path / 'missing.safetensors'}"])
+    wrong = write_pairs(tmp_path / "wrong.safetensors", torch.zeros(4, D_IN + 1), torch.zeros(4, D_IN + 1))
+    with pytest.raises(ConfigError, match=r"must both be \[P, 32\]"):
+        tiny_trainer(tmp_path / "b", 2, [f"preference:pairs={wrong}"])
+    too_many = write_pairs(tmp_path / "ids.safetensors", torch.zeros(4, D_IN), torch.zeros(4, D_IN),
+                           torch.tensor([0, 1, 2, D_SAE]))
+    with pytest.raises(ConfigError, match="concept ids"):
+        tiny_trainer(tmp_path / "c", 2, [f"preference:pairs={too_many}"])
