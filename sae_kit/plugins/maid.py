@@ -82,13 +82,18 @@ def lower_gradient(problem: Problem, z: torch.Tensor, w_s: torch.Tensor) -> torc
 
 
 def solve_lower(problem: Problem, w_s: torch.Tensor, z0: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, int]:
-    """Accelerated gradient (step 1/L per token) until every token's ‖∇_z h‖ ≤ tolerance."""
+    """Accelerated gradient (step 1/L per token, momentum restarted per token when it points uphill,
+    O'Donoghue & Candès) until every token's ‖∇_z h‖ ≤ tolerance."""
     lipschitz = torch.linalg.eigvalsh(problem.gram)[:, -1] + problem.ridge + w_s.max(1).values / problem.gamma
     step = (1.0 / lipschitz)[:, None]
     z, previous = z0.clone(), z0.clone()
+    age = torch.ones(z.shape[0], 1, dtype=z.dtype)
     for iteration in range(1, MAX_LOWER_ITERATIONS + 1):
-        y = z + (iteration - 1) / (iteration + 2) * (z - previous)
-        previous, z = z, y - step * lower_gradient(problem, y, w_s)
+        y = z + (age - 1) / (age + 2) * (z - previous)
+        gradient = lower_gradient(problem, y, w_s)
+        previous, z = z, y - step * gradient
+        uphill = ((gradient * (z - previous)).sum(1, keepdim=True) > 0)
+        age = torch.where(uphill, torch.ones_like(age), age + 1)
         if iteration % 5 == 0 and lower_gradient(problem, z, w_s).norm(dim=1).max() <= tolerance:
             return z, iteration
     return z, MAX_LOWER_ITERATIONS
