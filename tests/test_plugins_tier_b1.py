@@ -456,3 +456,36 @@ def test_maid_learned_penalties_refit_at_the_encoders_l0(tmp_path):
     assert metrics["objective_end"] < metrics["objective_start"]
     assert metrics["fvu"] < metrics["fvu_uniform"] - 1e-3  # learned penalties beat uniform ones at the same L0
     assert (tmp_path / "sae" / "maid_penalties.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize("spec", ["ema:start=0.25", "compander", "hard_tokens", "pg_noise:heat=1.0", "elr",
+                                  "rand_augment:magnitude=9", "mixup:discriminator=true"])
+def test_tier_b1_plugin_state_survives_an_exact_resume(spec, tmp_path):
+    from sae_kit.train.trainer import Trainer
+
+    steps = 8
+    reference, _ = tiny_trainer(tmp_path / "reference", steps, [spec], checkpoint_every=4)
+    reference_sae = reference.run()
+    interrupted, _ = tiny_trainer(tmp_path / "resumed", steps, [spec], checkpoint_every=4)
+    original_step = interrupted.train_step
+
+    class Stop(Exception):
+        pass
+
+    def step_then_stop(x):
+        if interrupted.step == 6:
+            raise Stop
+        return original_step(x)
+
+    interrupted.train_step = step_then_stop
+    with pytest.raises(Stop):
+        interrupted.run()
+    resumed = Trainer(interrupted.cfg, interrupted.source, resume=True)
+    assert resumed.step == 4
+    resumed_sae = resumed.run()
+    for name, tensor in reference_sae.state_dict().items():
+        assert torch.equal(tensor, resumed_sae.state_dict()[name]), name
+    for name, value in reference.plugins.plugins[0].state_dict().items():
+        other = resumed.plugins.plugins[0].state_dict()[name]
+        assert torch.equal(value, other) if torch.is_tensor(value) else value == other, name

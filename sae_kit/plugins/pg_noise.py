@@ -79,7 +79,8 @@ class PolicyGradientNoise(Plugin):
         self.window = (0.0, self.opts.heat)
 
     def setup(self, trainer) -> None:
-        self.modules["policy"] = MaskPolicy(trainer.sae.cfg.d_in)
+        with torch.random.fork_rng():  # nn.Linear's init draws from the (checkpointed) global RNG: keep it apart
+            self.modules["policy"] = MaskPolicy(trainer.sae.cfg.d_in)
         if not trainer.resumed:
             cfg, n = trainer.cfg, min(trainer.cfg.init_tokens, 4096)
             if hasattr(trainer.source, "split"):  # a finite store: at most its training split
