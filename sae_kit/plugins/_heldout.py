@@ -27,6 +27,14 @@ def heldout_tokens(trainer: Any, tokens: int | None = None) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def training_sample(trainer: Any, tokens: int, seed: int) -> torch.Tensor:
+    """Up to ``tokens`` distinct training-split activations [N, d_in] (at most a finite store's split)."""
+    cfg = trainer.cfg
+    if hasattr(trainer.source, "split"):
+        tokens = min(tokens, len(trainer.source.split(cfg.heldout_fraction).train))
+    return trainer.source.sample(tokens, seed=seed, heldout_fraction=cfg.heldout_fraction).to(torch.float32)
+
+
 @torch.no_grad()
 def fvu(sae: Any, x: torch.Tensor, target: torch.Tensor | None = None) -> float:
     """FVU of reconstructing ``target`` (default ``x``) from the SAE's inference codes of ``x``."""

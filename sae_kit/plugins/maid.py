@@ -41,7 +41,7 @@ from torch.func import grad
 
 from sae_kit.config import ConfigError
 from sae_kit.fileio import atomic_write
-from sae_kit.plugins._heldout import fvu, heldout_tokens
+from sae_kit.plugins._heldout import fvu, heldout_tokens, training_sample
 from sae_kit.plugins.api import Ablation, Plugin, option
 from sae_kit.seeding import derive_seed
 
@@ -251,10 +251,7 @@ class MAID(Plugin):
 
     @torch.no_grad()
     def posthoc(self, sae, trainer):
-        cfg = trainer.cfg
-        batches = trainer.source.iter_batches(min(self.opts.tokens, 65536), split="train",
-                                              seed=derive_seed("maid", cfg.seed) % 2**31, heldout_fraction=cfg.heldout_fraction)
-        x = next(batches)[: self.opts.tokens].to(torch.float32)
+        x = training_sample(trainer, self.opts.tokens, derive_seed("maid", trainer.cfg.seed) % 2**31)
         was_training = sae.training
         sae.eval()
         x_n, _ = sae.normalize(x)

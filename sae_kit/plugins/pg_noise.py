@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.distributions import Beta
 
 from sae_kit.config import ConfigError
-from sae_kit.plugins._heldout import fvu, heldout_tokens, perturbed_fvu
+from sae_kit.plugins._heldout import fvu, heldout_tokens, perturbed_fvu, training_sample
 from sae_kit.plugins.api import Ablation, Batch, Plugin, StepContext, option
 
 STEERING_STRENGTH = 0.5
@@ -82,10 +82,7 @@ class PolicyGradientNoise(Plugin):
         with torch.random.fork_rng():  # nn.Linear's init draws from the (checkpointed) global RNG: keep it apart
             self.modules["policy"] = MaskPolicy(trainer.sae.cfg.d_in)
         if not trainer.resumed:
-            cfg, n = trainer.cfg, min(trainer.cfg.init_tokens, 4096)
-            if hasattr(trainer.source, "split"):  # a finite store: at most its training split
-                n = min(n, len(trainer.source.split(cfg.heldout_fraction).train))
-            sample = trainer.source.sample(n, seed=cfg.seed, heldout_fraction=cfg.heldout_fraction).to(torch.float32)
+            sample = training_sample(trainer, min(trainer.cfg.init_tokens, 4096), trainer.cfg.seed)
             self.modules.register_buffer("data_std", sample.std(0))
         else:
             self.modules.register_buffer("data_std", torch.zeros(trainer.sae.cfg.d_in))  # loaded next
