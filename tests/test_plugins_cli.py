@@ -27,6 +27,8 @@ SMALL_OPTIONS: dict[str, str] = {
     "downstream_kl": "model={llama},hook=blocks.0.hook_resid_post,context=16,windows=2,phase=0.25,eval_tokens=256",
     "auglocal": "model={llama},hook=blocks.0.hook_resid_post,context=16,windows=2,eval_tokens=256",
     "text_aug": "model={llama},hook=blocks.0.hook_resid_post,context=16,windows=2",
+    "preference": "pairs={pairs}",
+    "maid": "tokens=256,steps=3",
 }
 
 RUN = ["--arch", "topk", "--k", "4", "--d-sae", "64", "--batch-size", "128", "--tokens", str(128 * 16),
@@ -49,6 +51,11 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     from tiny_lm import write_tiny_llama
 
     paths["llama"] = write_tiny_llama(root / "llama")
+    from sae_kit.plugins.preference import synthetic_pairs, write_pairs
+
+    pairs = synthetic_pairs(dataset.features, next(sources["pool"].iter_batches(64, seed=6)), 2, 1.0,
+                            torch.Generator().manual_seed(0))
+    paths["pairs"] = write_pairs(root / "pairs.safetensors", pairs["preferred"], pairs["rejected"], pairs["concept"])
     return paths
 
 
