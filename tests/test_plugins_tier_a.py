@@ -278,9 +278,9 @@ def test_downstream_kl_trains_the_sae_through_the_frozen_model(tmp_path, tiny_ll
     spec = f"downstream_kl:model={tiny_llama},hook=blocks.0.hook_resid_post,context=16,windows=2,phase=1.0"
     trainer, source = tiny_trainer(tmp_path, 4, [spec])
     plugin = trainer.plugins.plugins[0]
-    tokens = plugin.next_tokens()
-    assert plugin.windows_used == 2
-    plugin.next_tokens = lambda: tokens  # the same windows every time, to watch the KL fall
+    tokens = plugin.text.next_tokens()
+    assert plugin.text.windows_used == 2
+    plugin.text.next_tokens = lambda: tokens  # the same windows every time, to watch the KL fall
     x = next(source.iter_batches(BATCH, seed=0))
     optimizer = torch.optim.Adam(trainer.sae.trainable_parameters(), lr=1e-2)
     kls = []

@@ -98,33 +98,14 @@ class AugLocal(Plugin):
         self.skipped = [block for block in range(layer + 1, n_layers) if block not in self.kept]
 
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        from sae_kit.eval.in_model import kl_to_clean
-
         if self.opts.kl_weight == 0:
             return {}
-        tokens = self.text.next_tokens()
-        keep = self.text.stream.keep_mask(tokens)
-        sae = ctx.sae
-
-        def spliced(acts: torch.Tensor) -> torch.Tensor:
-            out = acts.clone()
-            out[keep] = sae(acts[keep].float()).to(acts.dtype)
-            return out
-
-        clean = self.model.logits(tokens, replace=skip_blocks(self.skipped))
-        with_sae = self.model.logits(tokens, replace={self.hook: spliced, **skip_blocks(self.skipped)}, grad=True)
-        kl = kl_to_clean(clean, with_sae)
+        kl = self.text.spliced_kl(ctx.sae, replace=skip_blocks(self.skipped))
         ctx.logs["auglocal/kl"] = kl.item()
         return {"kl": self.opts.kl_weight * kl}
 
     def evaluate(self, sae, trainer) -> dict[str, Any]:
-        from sae_kit.eval.in_model import evaluate_in_model
-
-        was_training = sae.training
-        metrics = evaluate_in_model(sae, self.model, hook=self.hook, dataset=self.opts.dataset,
-                                    context=self.opts.context, max_tokens=self.opts.eval_tokens, progress=False)
-        sae.train(was_training)  # evaluate_in_model leaves it in eval mode
-        return {key: metrics[key] for key in ("ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl_div", "delta_lm_loss")}
+        return self.text.evaluate(sae, self.opts.eval_tokens)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "windows_used": self.text.windows_used}
