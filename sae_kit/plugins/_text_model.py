@@ -1,6 +1,6 @@
 """A language model and a stream of its text windows, for plugins that run the model in the training
-loop (downstream_kl, auglocal, text_aug): the model and hook come from the plugin's options, else the
-run's ``--model/--hook``, else the activation store's provenance."""
+loop (downstream_kl, auglocal, text_aug, all subclasses of ``TextModelPlugin``): the model and hook come
+from the plugin's options, else the run's ``--model/--hook``, else the activation store's provenance."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from sae_kit.config import ConfigError
+from sae_kit.plugins.api import Plugin
 
 
 class ModelWindows:
@@ -79,3 +80,21 @@ class ModelWindows:
                                     context=self.context, max_tokens=max_tokens, progress=False)
         sae.train(was_training)  # evaluate_in_model leaves it in eval mode
         return {key: metrics[key] for key in ("ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl_div", "delta_lm_loss")}
+
+
+class TextModelPlugin(Plugin):
+    """A plugin that runs the frozen model on its own text windows. Its options include ``model``, ``hook``,
+    ``dataset``, ``context`` and ``windows``; ``setup`` builds ``self.text`` from them, and the checkpoint
+    keeps the place in the text so a resumed run reads the same windows."""
+
+    def setup(self, trainer) -> None:
+        o = self.opts
+        self.text = ModelWindows(self.name, trainer, o.model, o.hook, o.dataset, o.context, o.windows)
+        self.model, self.hook = self.text.model, self.text.hook
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "windows_used": self.text.windows_used}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.text.restore(state["windows_used"])

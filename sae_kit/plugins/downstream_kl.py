@@ -29,11 +29,11 @@ from typing import Any
 import torch
 
 from sae_kit.config import ConfigError
-from sae_kit.plugins._text_model import ModelWindows
-from sae_kit.plugins.api import Ablation, Plugin, StepContext, option
+from sae_kit.plugins._text_model import TextModelPlugin
+from sae_kit.plugins.api import Ablation, StepContext, option
 
 
-class DownstreamKL(Plugin):
+class DownstreamKL(TextModelPlugin):
     name = "downstream_kl"
     paper = "VA-π (variational policy alignment)"
     summary = "final phase: KL of the model's next-token distribution with the SAE spliced in, plus the MSE anchor"
@@ -59,11 +59,6 @@ class DownstreamKL(Plugin):
             raise ConfigError("downstream_kl: need context >= 2, windows >= 1 and kl_weight >= 0")
         self.window = (1.0 - self.opts.phase, 1.0)
 
-    def setup(self, trainer) -> None:
-        o = self.opts
-        self.text = ModelWindows(self.name, trainer, o.model, o.hook, o.dataset, o.context, o.windows)
-        self.model, self.hook = self.text.model, self.text.hook
-
     def hyperparameters(self, hp: dict[str, Any], trainer) -> None:
         hp["lr"] = self.opts.phase_lr * trainer.base_lr
 
@@ -76,10 +71,3 @@ class DownstreamKL(Plugin):
 
     def evaluate(self, sae, trainer) -> dict[str, Any]:
         return self.text.evaluate(sae, self.opts.eval_tokens)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "windows_used": self.text.windows_used}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.text.restore(state["windows_used"])
