@@ -278,9 +278,9 @@ def test_downstream_kl_trains_the_sae_through_the_frozen_model(tmp_path, tiny_ll
     spec = f"downstream_kl:model={tiny_llama},hook=blocks.0.hook_resid_post,context=16,windows=2,phase=1.0"
     trainer, source = tiny_trainer(tmp_path, 4, [spec])
     plugin = trainer.plugins.plugins[0]
-    tokens = plugin.next_tokens()
-    assert plugin.windows_used == 2
-    plugin.next_tokens = lambda: tokens  # the same windows every time, to watch the KL fall
+    tokens = plugin.text.next_tokens()
+    assert plugin.text.windows_used == 2
+    plugin.text.next_tokens = lambda: tokens  # the same windows every time, to watch the KL fall
     x = next(source.iter_batches(BATCH, seed=0))
     optimizer = torch.optim.Adam(trainer.sae.trainable_parameters(), lr=1e-2)
     kls = []
@@ -300,32 +300,38 @@ def test_downstream_kl_trains_the_sae_through_the_frozen_model(tmp_path, tiny_ll
 
 
 # ------------------------------------------------------------------------- exact resume per plugin
-@pytest.mark.parametrize("spec", ["boosting", "exp3_flad:every=3,count=3", "ucb1_flad:every=3,count=3",
-                                  "color_filter:helper_steps=5,target_steps=5", "weight_decay", "usage_entropy",
-                                  "distill:teachers=1"])
-def test_plugin_runs_resume_bit_exact(spec, tmp_path):
-    steps = 24
-    reference, _ = tiny_trainer(tmp_path / "reference", steps, [spec], checkpoint_every=8)
+def resume_matches_an_uninterrupted_run(tmp_path, spec: str, steps: int, checkpoint_every: int, stop_at: int):
+    """Train ``spec`` straight through, and again stopped before step ``stop_at`` and resumed from its
+    last checkpoint; assert both end with the same SAE, bit for bit. Returns (reference, resumed) trainers."""
+    from sae_kit.train.trainer import Trainer
+
+    reference, _ = tiny_trainer(tmp_path / "reference", steps, [spec], checkpoint_every=checkpoint_every)
     expected = reference.run().state_dict()
 
     class Stop(Exception):
         pass
 
-    interrupted, source = tiny_trainer(tmp_path / "resumed", steps, [spec], checkpoint_every=8)
+    interrupted, source = tiny_trainer(tmp_path / "resumed", steps, [spec], checkpoint_every=checkpoint_every)
     original = interrupted.train_step
 
-    def stop_at_19(x):
-        if interrupted.step == 19:
+    def stop_before(x):
+        if interrupted.step == stop_at:
             raise Stop
         return original(x)
 
-    interrupted.train_step = stop_at_19
+    interrupted.train_step = stop_before
     with pytest.raises(Stop):
         interrupted.run()
-    from sae_kit.train.trainer import Trainer
-
     resumed = Trainer(interrupted.cfg, source, resume=True)
-    assert resumed.step == 16
+    assert resumed.step == stop_at // checkpoint_every * checkpoint_every
     got = resumed.run().state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected), spec
+    return reference, resumed
+
+
+@pytest.mark.parametrize("spec", ["boosting", "exp3_flad:every=3,count=3", "ucb1_flad:every=3,count=3",
+                                  "color_filter:helper_steps=5,target_steps=5", "weight_decay", "usage_entropy",
+                                  "distill:teachers=1"])
+def test_plugin_runs_resume_bit_exact(spec, tmp_path):
+    resume_matches_an_uninterrupted_run(tmp_path, spec, steps=24, checkpoint_every=8, stop_at=19)

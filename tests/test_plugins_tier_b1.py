@@ -9,7 +9,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sae_kit.plugins.api import Batch, StepContext
-from test_plugins_tier_a import BATCH, D_IN, D_SAE, drive, tiny_trainer
+from test_plugins_tier_a import BATCH, D_IN, D_SAE, drive, resume_matches_an_uninterrupted_run, tiny_trainer
 
 
 # -------------------------------------------------------------------------------------------- ema
@@ -462,30 +462,7 @@ def test_maid_learned_penalties_refit_at_the_encoders_l0(tmp_path):
 @pytest.mark.parametrize("spec", ["ema:start=0.25", "compander", "hard_tokens", "pg_noise:heat=1.0", "elr",
                                   "rand_augment:magnitude=9", "mixup:discriminator=true"])
 def test_tier_b1_plugin_state_survives_an_exact_resume(spec, tmp_path):
-    from sae_kit.train.trainer import Trainer
-
-    steps = 8
-    reference, _ = tiny_trainer(tmp_path / "reference", steps, [spec], checkpoint_every=4)
-    reference_sae = reference.run()
-    interrupted, _ = tiny_trainer(tmp_path / "resumed", steps, [spec], checkpoint_every=4)
-    original_step = interrupted.train_step
-
-    class Stop(Exception):
-        pass
-
-    def step_then_stop(x):
-        if interrupted.step == 6:
-            raise Stop
-        return original_step(x)
-
-    interrupted.train_step = step_then_stop
-    with pytest.raises(Stop):
-        interrupted.run()
-    resumed = Trainer(interrupted.cfg, interrupted.source, resume=True)
-    assert resumed.step == 4
-    resumed_sae = resumed.run()
-    for name, tensor in reference_sae.state_dict().items():
-        assert torch.equal(tensor, resumed_sae.state_dict()[name]), name
+    reference, resumed = resume_matches_an_uninterrupted_run(tmp_path, spec, steps=8, checkpoint_every=4, stop_at=6)
     for name, value in reference.plugins.plugins[0].state_dict().items():
         other = resumed.plugins.plugins[0].state_dict()[name]
         assert torch.equal(value, other) if torch.is_tensor(value) else value == other, name

@@ -12,20 +12,7 @@ from sae_kit.codes import SparseCodes
 from sae_kit.config import SAEConfig
 from sae_kit.eval.synthetic import make_dataset
 from sae_kit.sae import create_sae
-
-D_IN, D_SAE, BATCH = 32, 64, 128
-
-
-def tiny_trainer(tmp_path, steps: int, plugins: list, **overrides):
-    from sae_kit.eval.synthetic import SyntheticSource
-    from sae_kit.train.trainer import TrainConfig, Trainer
-
-    settings = dict(out=str(tmp_path), architecture="topk", k=4, d_sae=D_SAE, batch_size=BATCH, tokens=BATCH * steps,
-                    warmup_steps=2, eval_every=steps, eval_tokens=512, log_every=steps, checkpoint_every=steps,
-                    init_tokens=1024, dead_tokens_threshold=2000, threads=1, progress=False, lr=3e-3, plugins=plugins)
-    settings.update(overrides)
-    source = SyntheticSource(make_dataset("sharkey", seed=0, d=D_IN, n_features=64))
-    return Trainer(TrainConfig(**settings), source), source
+from test_plugins_tier_a import BATCH, D_IN, D_SAE, resume_matches_an_uninterrupted_run, tiny_trainer
 
 
 def random_sae(seed: int = 0, arch: str = "topk", k: int = 6):
@@ -355,28 +342,4 @@ def test_arl_batches_mix_sources_evenly_and_downweight_the_harder_one(tmp_path):
 @pytest.mark.parametrize("spec", ["conr:omega=0.5", "mfm:rank=8", "lfu", "decorrelate:coefficient=0.01",
                                   "arl:count=2,warmup=0.1", "stn:every=3", "mask_tune:pretrain_steps=6"])
 def test_plugin_runs_resume_bit_exact(spec, tmp_path):
-    from sae_kit.train.trainer import Trainer
-
-    steps = 24
-    reference, _ = tiny_trainer(tmp_path / "reference", steps, [spec], checkpoint_every=8)
-    expected = reference.run().state_dict()
-
-    class Stop(Exception):
-        pass
-
-    interrupted, source = tiny_trainer(tmp_path / "resumed", steps, [spec], checkpoint_every=8)
-    original = interrupted.train_step
-
-    def stop_at_19(x):
-        if interrupted.step == 19:
-            raise Stop
-        return original(x)
-
-    interrupted.train_step = stop_at_19
-    with pytest.raises(Stop):
-        interrupted.run()
-    resumed = Trainer(interrupted.cfg, source, resume=True)
-    assert resumed.step == 16
-    got = resumed.run().state_dict()
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[name], got[name]) for name in expected), spec
+    resume_matches_an_uninterrupted_run(tmp_path, spec, steps=24, checkpoint_every=8, stop_at=19)

@@ -1,7 +1,7 @@
 """Held-out tokens and robustness scores shared by the plugins' ``evaluate`` hooks."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -9,19 +9,26 @@ from sae_kit.eval.metrics import ReconstructionMetrics
 from sae_kit.seeding import derived_generator
 
 
-@torch.no_grad()
-def heldout_tokens(trainer: Any, tokens: int | None = None) -> torch.Tensor:
-    """Up to ``tokens`` (default: the run's eval_tokens) held-out activations [N, d_in], float32."""
+def heldout_batches(trainer: Any, tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """The held-out activations as float32 batches of at most the run's batch size, ``tokens`` (default:
+    the run's eval_tokens, never more) in all: for evaluations that work a batch at a time."""
     cfg = trainer.cfg
     wanted = min(tokens or cfg.eval_tokens, cfg.eval_tokens)
     batches = trainer.source.iter_batches(min(cfg.batch_size, wanted), split="heldout", seed=cfg.seed, epochs=1,
                                           drop_last=False, heldout_fraction=cfg.heldout_fraction)
-    parts, seen = [], 0
+    seen = 0
     for x in batches:
-        parts.append(x[: wanted - seen].to(torch.float32))
-        seen += parts[-1].shape[0]
+        x = x[: wanted - seen].to(torch.float32)
+        yield x
+        seen += x.shape[0]
         if seen >= wanted:
-            break
+            return
+
+
+@torch.no_grad()
+def heldout_tokens(trainer: Any, tokens: int | None = None) -> torch.Tensor:
+    """Up to ``tokens`` (default: the run's eval_tokens) held-out activations [N, d_in], float32."""
+    parts = list(heldout_batches(trainer, tokens))
     if not parts:
         raise ValueError("the data source has no held-out tokens to evaluate on")
     return torch.cat(parts)

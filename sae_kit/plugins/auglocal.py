@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 
 from sae_kit.config import ConfigError
-from sae_kit.plugins._text_model import ModelWindows
-from sae_kit.plugins.api import Ablation, Plugin, StepContext, option
+from sae_kit.plugins._text_model import TextModelPlugin
+from sae_kit.plugins.api import Ablation, StepContext, option
 
 
 def uniform_subset(layer: int, n_layers: int, depth: int) -> list[int]:
@@ -64,7 +64,7 @@ def skip_blocks(blocks: list[int]) -> dict[str, Callable[[torch.Tensor], torch.T
     return hooks
 
 
-class AugLocal(Plugin):
+class AugLocal(TextModelPlugin):
     name = "auglocal"
     paper = "AugLocal (augmented local learning)"
     summary = "loss: KL through a uniformly sampled subset of the later frozen blocks, with the SAE spliced in"
@@ -90,45 +90,17 @@ class AugLocal(Plugin):
         self.window = (1.0 - o.phase, 1.0)
 
     def setup(self, trainer) -> None:
-        o = self.opts
-        self.text = ModelWindows(self.name, trainer, o.model, o.hook, o.dataset, o.context, o.windows)
-        self.model, self.hook = self.text.model, self.text.hook
+        super().setup(trainer)
         layer, n_layers = self.model.layer_of(self.hook), self.model.n_layers
         self.kept = uniform_subset(layer, n_layers, auxiliary_depth(layer, n_layers, self.opts.depth))
         self.skipped = [block for block in range(layer + 1, n_layers) if block not in self.kept]
 
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        from sae_kit.eval.in_model import kl_to_clean
-
         if self.opts.kl_weight == 0:
             return {}
-        tokens = self.text.next_tokens()
-        keep = self.text.stream.keep_mask(tokens)
-        sae = ctx.sae
-
-        def spliced(acts: torch.Tensor) -> torch.Tensor:
-            out = acts.clone()
-            out[keep] = sae(acts[keep].float()).to(acts.dtype)
-            return out
-
-        clean = self.model.logits(tokens, replace=skip_blocks(self.skipped))
-        with_sae = self.model.logits(tokens, replace={self.hook: spliced, **skip_blocks(self.skipped)}, grad=True)
-        kl = kl_to_clean(clean, with_sae)
+        kl = self.text.spliced_kl(ctx.sae, replace=skip_blocks(self.skipped))
         ctx.logs["auglocal/kl"] = kl.item()
         return {"kl": self.opts.kl_weight * kl}
 
     def evaluate(self, sae, trainer) -> dict[str, Any]:
-        from sae_kit.eval.in_model import evaluate_in_model
-
-        was_training = sae.training
-        metrics = evaluate_in_model(sae, self.model, hook=self.hook, dataset=self.opts.dataset,
-                                    context=self.opts.context, max_tokens=self.opts.eval_tokens, progress=False)
-        sae.train(was_training)  # evaluate_in_model leaves it in eval mode
-        return {key: metrics[key] for key in ("ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl_div", "delta_lm_loss")}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "windows_used": self.text.windows_used}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.text.restore(state["windows_used"])
+        return self.text.evaluate(sae, self.opts.eval_tokens)

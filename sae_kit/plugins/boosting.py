@@ -34,6 +34,7 @@ from torch.nn.utils import parametrize
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError
 from sae_kit.eval.metrics import ReconstructionMetrics
+from sae_kit.plugins._heldout import heldout_batches
 from sae_kit.plugins.api import Ablation, Plugin, StepContext, option
 
 
@@ -117,20 +118,10 @@ class Boosting(Plugin):
 
     @torch.no_grad()
     def evaluate(self, sae, trainer) -> dict[str, Any]:
-        cfg = trainer.cfg
-        batches = trainer.source.iter_batches(min(cfg.batch_size, cfg.eval_tokens), split="heldout", seed=cfg.seed,
-                                              epochs=1, drop_last=False, heldout_fraction=cfg.heldout_fraction)
         was_training = sae.training
         sae.eval()
-        xs, codes_list = [], []
-        seen = 0
-        for x in batches:
-            x = x[: cfg.eval_tokens - seen].float()
-            xs.append(x)
-            codes_list.append(sae.encode(x))
-            seen += x.shape[0]
-            if seen >= cfg.eval_tokens:
-                break
+        xs = list(heldout_batches(trainer))
+        codes_list = [sae.encode(x) for x in xs]
         sae.train(was_training)
         counts = sum(c.fire_counts() for c in codes_list)
         # Latent order: block order when boosted; most frequent first for an ordinary SAE.

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from sae_kit.config import ConfigError
+from sae_kit.plugins._heldout import heldout_batches
 from sae_kit.plugins.api import Ablation, Batch, Plugin, StepContext, option
 from sae_kit.sae import create_sae
 
@@ -71,20 +72,10 @@ class Distill(Plugin):
 
     @torch.no_grad()
     def evaluate(self, sae, trainer) -> dict[str, Any]:
-        cfg = trainer.cfg
-        batches = trainer.source.iter_batches(min(cfg.batch_size, cfg.eval_tokens), split="heldout", seed=cfg.seed,
-                                              epochs=1, drop_last=False, heldout_fraction=cfg.heldout_fraction)
         was_training = sae.training
         sae.eval()
         ens_err = stu_err = total = 0.0
-        xs = []
-        seen = 0
-        for x in batches:
-            x = x[: cfg.eval_tokens - seen].float()
-            xs.append(x)
-            seen += x.shape[0]
-            if seen >= cfg.eval_tokens:
-                break
+        xs = list(heldout_batches(trainer))
         data = torch.cat(xs)
         mean = data.mean(0)
         for x in xs:

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from sae_kit.config import ConfigError
-from sae_kit.plugins.api import Ablation, Plugin, StepContext, option
+from sae_kit.plugins._text_model import TextModelPlugin
+from sae_kit.plugins.api import Ablation, StepContext, option
 
 
-class DownstreamKL(Plugin):
+class DownstreamKL(TextModelPlugin):
     name = "downstream_kl"
     paper = "VA-π (variational policy alignment)"
     summary = "final phase: KL of the model's next-token distribution with the SAE spliced in, plus the MSE anchor"
@@ -58,75 +59,15 @@ class DownstreamKL(Plugin):
             raise ConfigError("downstream_kl: need context >= 2, windows >= 1 and kl_weight >= 0")
         self.window = (1.0 - self.opts.phase, 1.0)
 
-    def setup(self, trainer) -> None:
-        from sae_kit.harvest import HarvestConfig, WindowStream
-        from sae_kit.models import load_model
-
-        metadata = trainer.sae.cfg.metadata
-        model_name = self.opts.model or trainer.cfg.model or metadata.get("model_name")
-        hook = self.opts.hook or trainer.cfg.hook or metadata.get("hook_name")
-        if not model_name or not hook or str(model_name).startswith("synthetic"):
-            raise ConfigError("downstream_kl needs a language model and a hook: train on a harvested store or with "
-                              "--model/--hook, or pass the plugin options model=NAME_OR_FOLDER,hook=HOOK_NAME")
-        self.model = load_model(model_name)
-        self.model.model.requires_grad_(False)
-        self.hook = hook
-        if self.model.hook_dim(hook) != trainer.sae.cfg.d_in:
-            raise ConfigError(f"downstream_kl: hook {hook} of {model_name} has width {self.model.hook_dim(hook)}, "
-                              f"the SAE reads d_in={trainer.sae.cfg.d_in}")
-        self.stream = WindowStream(HarvestConfig(out="", hooks=[hook], dataset=self.opts.dataset,
-                                                 context=self.opts.context, batch_size=self.opts.windows),
-                                   self.model.tokenizer, split="train")
-        self.windows_used = 0
-        self._batches = None
-
     def hyperparameters(self, hp: dict[str, Any], trainer) -> None:
         hp["lr"] = self.opts.phase_lr * trainer.base_lr
 
-    def next_tokens(self) -> torch.Tensor:
-        if self._batches is None:
-            self._batches = self.stream.batches(start_window=self.windows_used)
-        try:
-            tokens = next(self._batches)
-        except StopIteration:  # the text ran out: start it again
-            self._batches = self.stream.batches(0)
-            tokens = next(self._batches)
-        self.windows_used += tokens.shape[0]
-        return tokens
-
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        from sae_kit.eval.in_model import kl_to_clean
-
         if self.opts.kl_weight == 0:
             return {}
-        tokens = self.next_tokens().to(self.model.device)
-        keep = self.stream.keep_mask(tokens)
-        sae = ctx.sae
-
-        def spliced(acts: torch.Tensor) -> torch.Tensor:
-            out = acts.clone()
-            out[keep] = sae(acts[keep].float()).to(acts.dtype)
-            return out
-
-        clean = self.model.logits(tokens)
-        with_sae = self.model.logits(tokens, replace={self.hook: spliced}, grad=True)
-        kl = kl_to_clean(clean, with_sae)
+        kl = self.text.spliced_kl(ctx.sae)
         ctx.logs["downstream_kl/kl"] = kl.item()
         return {"kl": self.opts.kl_weight * kl}
 
     def evaluate(self, sae, trainer) -> dict[str, Any]:
-        from sae_kit.eval.in_model import evaluate_in_model
-
-        was_training = sae.training
-        metrics = evaluate_in_model(sae, self.model, hook=self.hook, dataset=self.opts.dataset,
-                                    context=self.opts.context, max_tokens=self.opts.eval_tokens, progress=False)
-        sae.train(was_training)  # evaluate_in_model leaves it in eval mode
-        return {key: metrics[key] for key in ("ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl_div", "delta_lm_loss")}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "windows_used": self.windows_used}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.windows_used = state["windows_used"]
-        self._batches = None
+        return self.text.evaluate(sae, self.opts.eval_tokens)

@@ -34,6 +34,7 @@ from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError
 from sae_kit.eval.metrics import ReconstructionMetrics
 from sae_kit.kernels import sparse_decode
+from sae_kit.plugins._heldout import heldout_batches
 from sae_kit.plugins.api import Ablation, Plugin, StepContext, option
 from sae_kit.seeding import derived_generator
 
@@ -100,16 +101,11 @@ class MFM(Plugin):
 
     @torch.no_grad()
     def evaluate(self, sae, trainer) -> dict[str, Any]:
-        cfg = trainer.cfg
-        batches = trainer.source.iter_batches(min(cfg.batch_size, cfg.eval_tokens), split="heldout", seed=cfg.seed,
-                                              epochs=1, drop_last=False, heldout_fraction=cfg.heldout_fraction)
         was_training = sae.training
         sae.eval()
         dropped_metrics, rebuilt_metrics = ReconstructionMetrics(sae.cfg.d_sae), ReconstructionMetrics(sae.cfg.d_sae)
-        generator = derived_generator(self.name, "eval", cfg.seed)
-        seen = 0
-        for x in batches:
-            x = x[: cfg.eval_tokens - seen].float()
+        generator = derived_generator(self.name, "eval", trainer.cfg.seed)
+        for x in heldout_batches(trainer):
             x_n, norm = sae.normalize(x)
             codes = sae.select(sae.pre_activations(x_n), x_n)
             keep = drop_mask(codes, self.opts.mask_ratio, generator)
@@ -117,8 +113,5 @@ class MFM(Plugin):
             rebuilt = SparseCodes(codes.indices, self.modules["rebuilder"](codes, keep), codes.d_sae)
             dropped_metrics.update(x, norm.undo(sae.decode_normalized(dropped)), dropped)
             rebuilt_metrics.update(x, norm.undo(sae.decode_normalized(rebuilt)), rebuilt)
-            seen += x.shape[0]
-            if seen >= cfg.eval_tokens:
-                break
         sae.train(was_training)
         return {"fvu_dropped": dropped_metrics.compute()["fvu"], "fvu_rebuilt": rebuilt_metrics.compute()["fvu"]}

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from sae_kit.config import ConfigError
-from sae_kit.plugins._text_model import ModelWindows
-from sae_kit.plugins.api import Ablation, Batch, Plugin, StepContext, option
+from sae_kit.plugins._text_model import TextModelPlugin
+from sae_kit.plugins.api import Ablation, Batch, StepContext, option
 from sae_kit.plugins.lfu import untouched_buffers
 from sae_kit.seeding import derive_seed
 
@@ -83,7 +83,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-class TextAug(Plugin):
+class TextAug(TextModelPlugin):
     name = "text_aug"
     paper = "Data augmentation for parameter-efficient tuning (EDA + contrastive consistency)"
     summary = "EDA variants of text windows in the loop: extra contexts in the batch, InfoNCE between codes of unchanged tokens"
@@ -108,11 +108,6 @@ class TextAug(Plugin):
             raise ConfigError("text_aug: need context >= 4, windows >= 1, 0 < alpha < 1 and 0 < edit_fraction < 1")
         if not 0 <= o.fraction <= 1 or o.coefficient < 0 or o.temperature <= 0:
             raise ConfigError("text_aug: need 0 <= fraction <= 1, coefficient >= 0 and temperature > 0")
-
-    def setup(self, trainer) -> None:
-        o = self.opts
-        self.text = ModelWindows(self.name, trainer, o.model, o.hook, o.dataset, o.context, o.windows)
-        self.model, self.hook = self.text.model, self.text.hook
 
     def pairs(self, tokens: torch.Tensor, step: int, seed: int) -> tuple[torch.Tensor, int]:
         """(augmented windows, edit length) for a [W, T] batch of windows."""
@@ -151,10 +146,3 @@ class TextAug(Plugin):
         loss = info_nce(self.codes_dense(ctx.sae, original), self.codes_dense(ctx.sae, changed), self.opts.temperature)
         ctx.logs["text_aug/info_nce"] = loss.item()
         return {"consistency": self.opts.coefficient * loss}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "windows_used": self.text.windows_used}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.text.restore(state["windows_used"])
