@@ -87,17 +87,24 @@ class Registry:
         for folder in folders:
             try:
                 self.add_folder(folder)
-            except Exception as exc:
+            except Exception:
                 if not lenient:
                     raise
-                self.skipped[self.sae_id(folder)] = str(exc)
 
     def sae_id(self, folder: Path) -> str:
         folder = folder.resolve()
         return folder.name if folder == self.root else folder.relative_to(self.root).as_posix().replace("/", ".")
 
     def add_folder(self, folder: Path) -> ServedSAE:
-        """Serve (or serve again, e.g. after its analysis) the SAE in ``folder``, loading its model once."""
+        """Serve (or serve again, e.g. after its analysis) the SAE in ``folder``, loading its model once;
+        why it cannot be served is kept in ``skipped``."""
+        try:
+            return self._add_folder(folder)
+        except Exception as exc:
+            self.skipped[self.sae_id(folder)] = str(exc)
+            raise
+
+    def _add_folder(self, folder: Path) -> ServedSAE:
         from sae_kit.models import load_model
         from sae_kit.sae import load_sae
 
@@ -118,7 +125,7 @@ class Registry:
             name, hook = store.meta.get("model"), store.meta.get("hook")
         name = self.model_name or name
         if not self.model_name and str(name).startswith("synthetic:"):
-            raise ConfigError(f"{folder} was trained on synthetic activations ({name}); analyse it against a model "
+            raise ConfigError(f"{self.sae_id(folder)} was trained on synthetic activations ({name}); analyse it against a model "
                               "of the same width (POST /api/runs/{id}/analyze or sae-kit analyze --model --hook) to browse it")
         if not hook or not name:
             raise ConfigError(f"{folder / CONFIG_FILE} names no hook_name/model_name in its metadata; "

@@ -10,7 +10,8 @@ from pydantic import Field
 
 from sae_kit.config import ConfigError
 from sae_kit.runs import RunService, RunStateError, config_schema
-from .deps import steering_token
+from .deps import registry, steering_token
+from .registry import Registry
 from .schemas import ID_PATTERN, Strict, error_responses
 
 router = APIRouter(prefix="/api/runs", tags=["runs"], dependencies=[Depends(steering_token)],
@@ -41,13 +42,22 @@ def runs(request: Request) -> RunService:
 
 def _call(action, *args, **kwargs):
     try:
-        return action(*args, **kwargs)
+        result = action(*args, **kwargs)
     except KeyError as exc:
         raise HTTPException(404, exc.args[0]) from None
     except RunStateError as exc:
         raise HTTPException(409, str(exc)) from None
     except ConfigError as exc:
         raise HTTPException(422, str(exc)) from None
+    return result
+
+
+def _served(run: dict[str, Any], reg: Registry) -> dict[str, Any]:
+    """Whether the feature browser serves the run's SAE (it does once the SAE can run on a model)."""
+    if run["sae"] is not None:
+        run["sae"]["served"] = run["sae"]["id"] in reg.saes
+        run["sae"]["problem"] = reg.skipped.get(run["sae"]["id"])
+    return run
 
 
 @router.get("/schema")
@@ -56,18 +66,18 @@ def schema(service: RunService = Depends(runs)) -> dict[str, Any]:
 
 
 @router.post("", status_code=201)
-def create(body: RunRequest, service: RunService = Depends(runs)) -> dict[str, Any]:
-    return _call(service.create, body.config, body.name)
+def create(body: RunRequest, service: RunService = Depends(runs), reg: Registry = Depends(registry)) -> dict[str, Any]:
+    return _served(_call(service.create, body.config, body.name), reg)
 
 
 @router.get("")
-def list_runs(service: RunService = Depends(runs)) -> list[dict[str, Any]]:
-    return service.list()
+def list_runs(service: RunService = Depends(runs), reg: Registry = Depends(registry)) -> list[dict[str, Any]]:
+    return [_served(run, reg) for run in service.list()]
 
 
 @router.get("/{run_id}")
-def run(run_id: str = RUN_ID, service: RunService = Depends(runs)) -> dict[str, Any]:
-    return _call(service.describe, run_id)
+def run(run_id: str = RUN_ID, service: RunService = Depends(runs), reg: Registry = Depends(registry)) -> dict[str, Any]:
+    return _served(_call(service.describe, run_id), reg)
 
 
 @router.get("/{run_id}/metrics")
@@ -77,15 +87,16 @@ def metrics(run_id: str = RUN_ID, since_step: int = Query(0, ge=0, description="
 
 
 @router.post("/{run_id}/cancel")
-def cancel(run_id: str = RUN_ID, service: RunService = Depends(runs)) -> dict[str, Any]:
-    return _call(service.cancel, run_id)
+def cancel(run_id: str = RUN_ID, service: RunService = Depends(runs), reg: Registry = Depends(registry)) -> dict[str, Any]:
+    return _served(_call(service.cancel, run_id), reg)
 
 
 @router.post("/{run_id}/resume")
-def resume(run_id: str = RUN_ID, service: RunService = Depends(runs)) -> dict[str, Any]:
-    return _call(service.resume, run_id)
+def resume(run_id: str = RUN_ID, service: RunService = Depends(runs), reg: Registry = Depends(registry)) -> dict[str, Any]:
+    return _served(_call(service.resume, run_id), reg)
 
 
 @router.post("/{run_id}/analyze", status_code=202)
-def analyze(body: AnalyzeRequest, run_id: str = RUN_ID, service: RunService = Depends(runs)) -> dict[str, Any]:
-    return _call(service.analyze, run_id, body.model, body.hook, body.tokens, body.context)
+def analyze(body: AnalyzeRequest, run_id: str = RUN_ID, service: RunService = Depends(runs),
+            reg: Registry = Depends(registry)) -> dict[str, Any]:
+    return _served(_call(service.analyze, run_id, body.model, body.hook, body.tokens, body.context), reg)

@@ -133,6 +133,7 @@ def test_a_finished_run_is_analysed_into_the_feature_browser(client, root):
     from tiny_served import HOOK, write_tiny_model
 
     run = next(r for r in client.get("/api/runs").json() if r["name"] == "entropy")
+    assert not run["sae"]["served"] and "synthetic activations" in run["sae"]["problem"]
     refused = client.post(f"/api/runs/{run['id']}/analyze", json={})
     assert refused.status_code == 422 and "synthetic" in refused.json()["detail"]
     write_tiny_model(root / "model")  # d_model 32, the store's width
@@ -141,7 +142,7 @@ def test_a_finished_run_is_analysed_into_the_feature_browser(client, root):
     assert started.status_code == 202 and started.json()["analysis"] == "running"
     done = wait_for(client, run["id"], lambda r: r["analysis"] != "running")
     assert done["analysis"] == "done", done["analysis_error"]
-    assert done["sae"]["analysed"]
+    assert done["sae"]["analysed"] and done["sae"]["served"] and done["sae"]["problem"] is None
     sae_id = done["sae"]["id"]
     served = client.get(f"/api/saes/{sae_id}").json()
     assert served["analysed"] and served["d_sae"] == 2 * D_IN and served["hook"] == HOOK
