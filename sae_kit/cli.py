@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="model for every SAE (default: the model_name in each SAE's cfg.json)")
     p.add_argument("--token-env", default="SAE_KIT_API_TOKEN",
-                   help="environment variable holding the API token that POST /api/steer requires (unset: open)")
+                   help="environment variable holding the API token that POST /api/steer and /api/runs require (unset: open)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-runs", type=int, default=1,
                    help="training runs started from the API/UI that train at once, under ROOT/runs (0: no training)")

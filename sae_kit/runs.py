@@ -169,6 +169,8 @@ class RunStore:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute(_SCHEMA)
+        except sqlite3.OperationalError:
+            raise  # cannot open or write: the caller says where
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{path} is not a readable run registry ({exc}); move it away to start a new one") from None
 
@@ -195,14 +197,23 @@ class RunStore:
             self._db.close()
 
 
-def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
-    # Linux: the child gets SIGTERM when the worker thread that started it (and so the server) dies.
+def _load_prctl():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once here: between fork and exec (a threaded server) the child should only make the call.
+_PRCTL = _load_prctl() if sys.platform == "linux" else None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
+    # The child gets SIGTERM when the worker thread that started it (and so the server) dies.
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class RunService:
@@ -214,8 +225,12 @@ class RunService:
             raise ConfigError(f"max_runs must be >= 1, got {max_runs}")
         self.root = Path(root).resolve()
         self.runs_dir = self.root / RUNS_DIR
-        self.runs_dir.mkdir(exist_ok=True)
-        self.store = RunStore(self.root / DB_FILE)
+        try:
+            self.runs_dir.mkdir(exist_ok=True)
+            self.store = RunStore(self.root / DB_FILE)
+        except (OSError, sqlite3.OperationalError) as exc:
+            raise ConfigError(f"cannot keep training runs in {self.root} ({exc}); serve a writable folder, "
+                              "or pass --max-runs 0 to browse only") from None
         self.on_sae_ready = on_sae_ready
         self.python = python
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -362,7 +377,7 @@ class RunService:
         log.flush()
         process = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                   preexec_fn=_die_with_parent if _PRCTL else None)
         log.close()
         self._processes[run_id] = process
         now = time.time()
@@ -392,7 +407,7 @@ class RunService:
         log_path = sae_dir.parent / ANALYSIS_LOG_FILE
         with open(log_path, "a") as log:
             code = subprocess.call(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                   preexec_fn=_die_with_parent if _PRCTL else None)
         if code == 0:
             # Served before it is reported done, so a client that sees "done" finds the SAE.
             problem = self._notify(sae_dir) if self.on_sae_ready is not None else None

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from sae_kit.config import ConfigError
 from sae_kit.eval.synthetic import make_dataset, write_synthetic_store
 from sae_kit.runs import DB_FILE, RunStore
 from sae_kit.server.app import create_app
@@ -236,3 +237,65 @@ def test_a_training_server_starts_beside_sae_folders_it_cannot_serve_yet(root, c
         app.state.runs.close()
     with pytest.raises(FileNotFoundError, match="no SAE folder"):  # a browsing-only server still needs an SAE
         create_app(root / "stores")
+
+
+def test_a_corrupt_run_registry_is_reported_not_replaced(tmp_path):
+    (tmp_path / DB_FILE).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ConfigError, match="not a readable run registry.*move it away"):
+        create_app(tmp_path, max_runs=1)
+    assert (tmp_path / DB_FILE).read_bytes() == b"this is not sqlite" * 100
+
+
+def test_a_killed_server_takes_its_training_child_along_and_the_next_one_resumes_it(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    root = _make_root(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "sae_kit.cli", "serve", str(root), "--port", str(port),
+                               "--max-runs", "1"], env={**os.environ, "SAE_KIT_API_TOKEN": ""},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api/runs"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                time.sleep(0.1)
+        request = urllib.request.Request(url, data=json.dumps({"config": {**CONFIG, "tokens": 128 * 400}}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        run_id = json.loads(urllib.request.urlopen(request, timeout=30).read())["id"]
+        checkpoint = root / "runs" / run_id / "checkpoint" / "state.json"
+        deadline = time.monotonic() + 120
+        while not checkpoint.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        children = [int(pid) for task in Path(f"/proc/{server.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+        assert len(children) == 1 and checkpoint.is_file()
+    finally:
+        server.send_signal(signal.SIGKILL)  # no chance to record anything
+        server.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{children[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{children[0]}").exists() or "Z" in Path(f"/proc/{children[0]}/stat").read_text().split()[2]
+
+    app = create_app(root, max_runs=1)
+    client = TestClient(app)
+    try:
+        run = client.get(f"/api/runs/{run_id}").json()
+        assert run["status"] == "interrupted" and "server stopped" in run["error"]
+        assert 0 < run["progress"]["step"] < 400
+        client.post(f"/api/runs/{run_id}/resume")
+        done = wait_for(client, run_id, finished)
+        steps = [r["step"] for r in client.get(f"/api/runs/{run_id}/metrics").json()["records"] if "loss" in r]
+        assert steps == list(range(5, 401, 5)) and done["attempts"] == 2
+    finally:
+        app.state.runs.close()
