@@ -209,7 +209,7 @@ def cmd_serve(args) -> int:
 
     from sae_kit.server.app import run
 
-    run(args.root, host=args.host, port=args.port, model_name=args.model, threads=args.threads,
+    run(args.root, host=args.host, port=args.port, model_name=args.model, threads=args.threads, max_runs=args.max_runs,
         api_token=os.environ.get(args.token_env) if args.token_env else None)
     return 0
 
@@ -338,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="model for every SAE (default: the model_name in each SAE's cfg.json)")
     p.add_argument("--token-env", default="SAE_KIT_API_TOKEN",
-                   help="environment variable holding the API token that POST /api/steer requires (unset: open)")
+                   help="environment variable holding the API token that POST /api/steer and /api/runs require (unset: open)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-runs", type=int, default=1,
+                   help="training runs started from the API/UI that train at once, under ROOT/runs (0: no training)")
 
     p = sub.add_parser("harvest", help="cache a model's activations at one or more hooks")
     p.add_argument("--model", default="smollm2", help="smollm2 (embedded default), gpt2..., or a local HF model folder")

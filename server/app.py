@@ -14,21 +14,35 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from . import catalog, steer, text
+from . import catalog, runs, steer, text
 from .registry import Limits, Registry
 
 FRONTEND_SPEC = "sae_kit.frontend"
 
 
 def create_app(root: str | Path, *, model_name: str | None = None, api_token: str | None = None,
-               limits: Limits = Limits(), device: str = "cpu") -> FastAPI:
-    registry = Registry(root, model_name=model_name, device=device, limits=limits)
-    app = FastAPI(title="sae-kit", version="0.1.0",
+               limits: Limits = Limits(), device: str = "cpu", max_runs: int = 0) -> FastAPI:
+    """``max_runs`` >= 1 also serves training runs (that many at once) under ``root/runs``."""
+    from contextlib import asynccontextmanager
+
+    from sae_kit.runs import RunService
+
+    registry = Registry(root, model_name=model_name, device=device, limits=limits, lenient=max_runs > 0)
+    service = RunService(root, max_runs=max_runs, on_sae_ready=registry.add_folder) if max_runs > 0 else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if service is not None:
+            service.close()  # running runs become "interrupted", resumable
+
+    app = FastAPI(lifespan=lifespan, title="sae-kit", version="0.1.0",
                   description="Browse SAE features, find the features a text activates, and steer generation.")
     app.state.registry = registry
+    app.state.runs = service
     app.state.api_token = api_token or None
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    for router in (catalog.router, text.router, steer.router):
+    for router in (catalog.router, text.router, steer.router, runs.router):
         app.include_router(router)
 
     @app.exception_handler(RequestValidationError)
@@ -117,13 +131,15 @@ class BodyLimit:
 
 
 def run(root: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-        api_token: str | None = None, threads: int | None = None) -> None:
+        api_token: str | None = None, threads: int | None = None, max_runs: int = 0) -> None:
     import torch
     import uvicorn
 
     if threads:
         torch.set_num_threads(threads)
-    app = create_app(root, model_name=model_name, api_token=api_token)
+    app = create_app(root, model_name=model_name, api_token=api_token, max_runs=max_runs)
+    for sae_id, problem in app.state.registry.skipped.items():
+        print(f"not serving {sae_id}: {problem}", flush=True)
     print(f"serving {len(app.state.registry.saes)} SAE(s) from {Path(root).resolve()} at http://{host}:{port}/ "
           f"(API docs: http://{host}:{port}/docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .registry import Registry, ServedModel, ServedSAE
 
-bearer = HTTPBearer(auto_error=False, description="needed for POST /api/steer when the server has an API token")
+bearer = HTTPBearer(auto_error=False, description="needed for POST /api/steer and /api/runs when the server has an API token")
 
 
 def registry(request: Request) -> Registry:
@@ -36,7 +36,8 @@ def steering_token(request: Request, credentials: HTTPAuthorizationCredentials |
     if expected is None:
         return
     if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise HTTPException(401, "steering needs the server's API token: send 'Authorization: Bearer <token>'",
+        raise HTTPException(401, "steering and training runs need the server's API token: "
+                                 "send 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
 
 

@@ -66,46 +66,85 @@ class ServedSAE:
 
 class Registry:
     def __init__(self, root: str | Path, *, model_name: str | None = None, device: str = "cpu",
-                 limits: Limits = Limits()):
-        from sae_kit.models import load_model
-        from sae_kit.sae import load_sae
-
+                 limits: Limits = Limits(), lenient: bool = False):
+        """``lenient`` (a server that also trains): an empty folder is fine and an SAE that cannot be
+        served (no model named, a synthetic one...) is listed in ``skipped`` instead of stopping the server."""
         self.limits = limits
         self.root = Path(root).resolve()
+        self.model_name = model_name
+        self.device = device
+        self.skipped: dict[str, str] = {}
+        self._model_ids: dict[str, str] = {}  # model name or path -> its id
+        self._lock = threading.Lock()
         if not self.root.is_dir():
             raise FileNotFoundError(f"cannot serve {root}: no such folder")
         self.saes: dict[str, ServedSAE] = {}
         self.models: dict[str, ServedModel] = {}
         folders = find_sae_folders(self.root)
-        if not folders:
+        if not folders and not lenient:
             raise FileNotFoundError(f"no SAE folder ({CONFIG_FILE} + {WEIGHTS_FILE}) under {self.root}; "
                                     "train one (sae-kit train / sae-kit demo) or serve the folder that holds it")
-        model_ids: dict[str, str] = {}  # model name or path -> its id
         for folder in folders:
-            sae = load_sae(folder)
-            hook = sae.cfg.metadata.get("hook_name")
-            name = model_name or sae.cfg.metadata.get("model_name")
-            if not hook or not name:
-                raise ConfigError(f"{folder / CONFIG_FILE} names no hook_name/model_name in its metadata; "
-                                  "the server needs both to run the SAE")
-            if name not in model_ids:
-                model_ids[name] = _model_id(name, self.models)
-                self.models[model_ids[name]] = ServedModel(id=model_ids[name], model=load_model(name, device=device))
-            served_model = self.models[model_ids[name]]
-            sae_id = folder.name if folder == self.root else folder.relative_to(self.root).as_posix().replace("/", ".")
-            store, problem = None, None
-            if (folder / STORE_FILE).is_file():
-                try:
-                    store = FeatureStore(folder / STORE_FILE)
-                except FeatureStoreError as exc:
-                    problem = str(exc)
-            else:
-                problem = f"not analysed yet: run `sae-kit analyze {folder}`"
+            try:
+                self.add_folder(folder)
+            except Exception:
+                if not lenient:
+                    raise
+
+    def sae_id(self, folder: Path) -> str:
+        folder = folder.resolve()
+        return folder.name if folder == self.root else folder.relative_to(self.root).as_posix().replace("/", ".")
+
+    def add_folder(self, folder: Path) -> ServedSAE:
+        """Serve (or serve again, e.g. after its analysis) the SAE in ``folder``, loading its model once;
+        why it cannot be served is kept in ``skipped``."""
+        try:
+            return self._add_folder(folder)
+        except Exception as exc:
+            self.skipped[self.sae_id(folder)] = str(exc)
+            raise
+
+    def _add_folder(self, folder: Path) -> ServedSAE:
+        from sae_kit.models import load_model
+        from sae_kit.sae import load_sae
+
+        folder = Path(folder).resolve()
+        sae = load_sae(folder)
+        store, problem = None, None
+        if (folder / STORE_FILE).is_file():
+            try:
+                store = FeatureStore(folder / STORE_FILE)
+            except FeatureStoreError as exc:
+                problem = str(exc)
+        else:
+            problem = f"not analysed yet: run `sae-kit analyze {folder}`"
+        # An SAE analysed against a model other than its training source's (e.g. one trained on
+        # synthetic activations) is served with the model and hook of its feature store.
+        name, hook = sae.cfg.metadata.get("model_name"), sae.cfg.metadata.get("hook_name")
+        if (not name or str(name).startswith("synthetic:")) and store is not None:
+            name, hook = store.meta.get("model"), store.meta.get("hook")
+        name = self.model_name or name
+        if not self.model_name and str(name).startswith("synthetic:"):
+            raise ConfigError(f"{self.sae_id(folder)} was trained on synthetic activations ({name}); analyse it against a model "
+                              "of the same width (POST /api/runs/{id}/analyze or sae-kit analyze --model --hook) to browse it")
+        if not hook or not name:
+            raise ConfigError(f"{folder / CONFIG_FILE} names no hook_name/model_name in its metadata; "
+                              "the server needs both to run the SAE")
+        sae_id = self.sae_id(folder)
+        with self._lock:
+            if name not in self._model_ids:
+                model = load_model(name, device=self.device)
+                self._model_ids[name] = _model_id(name, self.models)
+                self.models[self._model_ids[name]] = ServedModel(id=self._model_ids[name], model=model)
+            served_model = self.models[self._model_ids[name]]
             if served_model.model.hook_dim(hook) != sae.cfg.d_in:
                 raise ConfigError(f"SAE {sae_id} reads {sae.cfg.d_in}-wide activations but {hook} of {name} is "
                                   f"{served_model.model.hook_dim(hook)} wide")
             self.saes[sae_id] = ServedSAE(sae_id, folder, sae, hook, served_model.id, store, problem)
-            served_model.sae_ids.append(sae_id)
+            self.skipped.pop(sae_id, None)
+            if sae_id not in served_model.sae_ids:
+                served_model.sae_ids.append(sae_id)
+        return self.saes[sae_id]
 
     def describe_models(self) -> list[dict[str, Any]]:
         return [{"id": m.id, "name": m.id, "n_layers": m.model.n_layers, "d_model": m.model.d_model,
