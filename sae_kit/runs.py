@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL, config TEXT NOT NULL,
     total_steps INTEGER NOT NULL, created REAL NOT NULL, started REAL, ended REAL,
     attempt_started REAL, attempt_start_step INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT, analysis TEXT, analysis_error TEXT
+    error TEXT, analysis TEXT, analysis_error TEXT,
+    eta_from_time REAL, eta_from_step INTEGER
 )"""
 
 
@@ -331,9 +332,14 @@ class RunService:
         latest = latest_metrics(read_metrics(run_dir))
         step, total = int(latest.get("step", 0)), row["total_steps"]
         eta = None
-        if row["status"] == "running" and row["attempt_started"] and step > row["attempt_start_step"]:
-            per_step = (time.time() - row["attempt_started"]) / (step - row["attempt_start_step"])
-            eta = per_step * max(0, total - step)
+        if row["status"] == "running" and step > row["attempt_start_step"]:
+            # Timed from the first step this attempt logged: the child's start-up (imports, data
+            # sample, initialisation) is not a training step and would inflate the estimate.
+            if row["eta_from_time"] is None:
+                self.store.update(row["id"], eta_from_time=time.time(), eta_from_step=step)
+            elif step > row["eta_from_step"]:
+                per_step = (time.time() - row["eta_from_time"]) / (step - row["eta_from_step"])
+                eta = per_step * max(0, total - step)
         sae_dir = run_dir / "sae"
         sae = None
         if (sae_dir / "cfg.json").is_file():
@@ -359,7 +365,11 @@ class RunService:
                 row = self.store.get(run_id)
                 if self._closing or row is None or row["status"] != "queued":
                     continue
-                self._start(row)
+                try:
+                    self._start(row)
+                except (OSError, ValueError) as exc:  # e.g. a vanished run folder: the worker carries on
+                    self.store.update(run_id, status="failed", ended=time.time(), error=f"could not start: {exc}")
+                    continue
             self._wait(run_id)
 
     def _start(self, row: dict[str, Any]) -> None:
@@ -382,7 +392,8 @@ class RunService:
         self._processes[run_id] = process
         now = time.time()
         self.store.update(run_id, status="running", started=row["started"] or now, attempt_started=now,
-                          attempt_start_step=resumed_step, attempts=row["attempts"] + 1)
+                          attempt_start_step=resumed_step, attempts=row["attempts"] + 1, eta_from_time=None,
+                          eta_from_step=None)
 
     def _wait(self, run_id: str) -> None:
         process = self._processes[run_id]

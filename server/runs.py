@@ -15,7 +15,7 @@ from .registry import Registry
 from .schemas import ID_PATTERN, Strict, error_responses
 
 router = APIRouter(prefix="/api/runs", tags=["runs"], dependencies=[Depends(steering_token)],
-                   responses=error_responses(401, 404, 409, 422))
+                   responses=error_responses(400, 401, 404, 409, 413, 422))
 RUN_ID = Path(pattern=ID_PATTERN, description="run id, as listed by GET /api/runs")
 
 
@@ -34,10 +34,7 @@ class AnalyzeRequest(Strict):
 
 
 def runs(request: Request) -> RunService:
-    service = request.app.state.runs
-    if service is None:
-        raise HTTPException(404, "this server does not run training (start it with `sae-kit serve --max-runs N`, N >= 1)")
-    return service
+    return request.app.state.runs  # the router is included only when the server trains
 
 
 def _call(action, *args, **kwargs):

@@ -84,9 +84,14 @@ def test_start_a_run_with_a_plugin_watch_it_and_open_its_features(page, server, 
         page.fill(f"#f-{name}", str(value))
     page.check("#plugin-usage_entropy")
     page.fill("#plugin-usage_entropy-coefficient", "0.01")
+    page.click("body")  # the last edit is committed (change event) before the screenshot
     page.screenshot(path=str(shots / "run_form.png"), full_page=True)
     page.click("#start")
-    page.wait_for_url("**/run.html?id=*")
+    try:
+        page.wait_for_url("**/run.html?id=*")
+    except Exception:
+        page.screenshot(path=str(shots / "run_form_failed.png"), full_page=True)
+        raise AssertionError(f"the form did not start a run: {page.url} {page.content()[-3000:]}")
     run_id = page.url.split("id=")[1]
     run = _get(f"{server}/api/runs/{run_id}")
     assert run["config"] == {"architecture": "topk", "activations": "stores/synth", **SMALL,

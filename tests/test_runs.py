@@ -294,8 +294,46 @@ def test_a_killed_server_takes_its_training_child_along_and_the_next_one_resumes
         assert run["status"] == "interrupted" and "server stopped" in run["error"]
         assert 0 < run["progress"]["step"] < 400
         client.post(f"/api/runs/{run_id}/resume")
-        done = wait_for(client, run_id, finished)
+        etas = []
+        done = wait_for(client, run_id, lambda r: etas.append(r["progress"]["eta_seconds"]) or finished(r))
         steps = [r["step"] for r in client.get(f"/api/runs/{run_id}/metrics").json()["records"] if "loss" in r]
         assert steps == list(range(5, 401, 5)) and done["attempts"] == 2
+        timed = [eta for eta in etas if eta is not None]
+        assert timed and all(eta >= 0 for eta in timed)  # estimated once two logged steps are apart in time
+    finally:
+        app.state.runs.close()
+
+
+@pytest.mark.timeout(600)
+def test_generated_requests_to_the_run_endpoints_get_no_server_error(root):
+    """schemathesis on the /api/runs operations (as tests/test_api_fuzz.py does for the browsing ones):
+    valid and invalid requests, every documented check but positive_data_acceptance (a schema-valid
+    config naming no store in the data folder is rightly a 422)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.checks import positive_data_acceptance
+
+    app = create_app(root, max_runs=1, api_token="fuzz")
+    auth = {"Authorization": "Bearer fuzz"}
+    try:
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+        operations = [r.ok() for r in schema.get_all_operations() if r.ok().path.startswith("/api/runs")]
+        assert len(operations) == 8
+        runs_before = len(TestClient(app).get("/api/runs", headers=auth).json())
+        for operation in operations:
+            for mode in schemathesis.GenerationMode:
+                @given(case=operation.as_strategy(generation_mode=mode))
+                @settings(max_examples=10, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=list(HealthCheck))
+                def check(case):
+                    case.call_and_validate(headers=auth, excluded_checks=[positive_data_acceptance])
+
+                try:
+                    check()
+                except Unsatisfiable:
+                    assert mode == schemathesis.GenerationMode.NEGATIVE
+        # No generated config names a real store, so nothing started.
+        assert len(TestClient(app).get("/api/runs", headers=auth).json()) == runs_before
     finally:
         app.state.runs.close()
