@@ -15,7 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -42,15 +44,15 @@ def _get(url: str) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = build_served_root(tmp_path_factory.mktemp("browser"))
+@contextmanager
+def running_server(root: Path, *extra_args: str) -> Iterator[str]:
+    """`sae-kit serve root` in a subprocess on a free port, until it answers /api/health; yields its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "SAE_KIT_API_TOKEN": ""}
     process = subprocess.Popen([sys.executable, "-m", "sae_kit.cli", "serve", str(root), "--port", str(port),
-                                "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--threads", "1", *extra_args], env={**os.environ, "SAE_KIT_API_TOKEN": ""},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -66,23 +68,35 @@ def server(tmp_path_factory):
         yield url
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        process.wait(timeout=60)
 
 
-@pytest.fixture(scope="module")
-def page(server):
+@contextmanager
+def browser_page(server: str) -> Iterator:
+    """A headless Chromium page that records requests leaving ``server`` and console errors."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.set_default_timeout(60_000)
-        page.outside_requests = []
-        page.console_errors = []
+        page.outside_requests, page.console_errors = [], []
         page.on("request", lambda r: None if r.url.startswith(server) else page.outside_requests.append(r.url))
         page.on("console", lambda m: page.console_errors.append(m.text) if m.type == "error" else None)
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(build_served_root(tmp_path_factory.mktemp("browser"))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with browser_page(server) as page:
+        yield page
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,12 @@ with a baseline run. Screenshots go to $SAE_KIT_SCREENSHOTS, else the test's tem
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from test_browser import BROWSER_ARGS, CHROMIUM, _get, _post  # skips this module too when Chromium is missing
+from test_browser import _get, _post, browser_page, running_server  # skips this module too when Chromium is missing
 from tiny_served import HOOK, write_tiny_model
 
 D_IN = 32
@@ -28,43 +25,14 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
     write_synthetic_store(root / "stores" / "synth", make_dataset("sharkey", d=D_IN, n_features=64), tokens=8192)
     write_tiny_model(root / "model")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "sae_kit.cli", "serve", str(root), "--port", str(port),
-                                "--threads", "1", "--max-runs", "1"], env={**os.environ, "SAE_KIT_API_TOKEN": ""},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                _get(f"{url}/api/health")
-                break
-            except OSError:
-                if process.poll() is not None:
-                    raise RuntimeError(f"sae-kit serve exited: {process.stdout.read()}")
-                time.sleep(0.1)
-        else:
-            raise RuntimeError("sae-kit serve did not answer within 60 s")
+    with running_server(root, "--max-runs", "1") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=BROWSER_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.set_default_timeout(60_000)
-        page.outside_requests, page.console_errors = [], []
-        page.on("request", lambda r: None if r.url.startswith(server) else page.outside_requests.append(r.url))
-        page.on("console", lambda m: page.console_errors.append(m.text) if m.type == "error" else None)
+    with browser_page(server) as page:
         yield page
-        browser.close()
 
 
 @pytest.fixture(scope="module")
