@@ -17,6 +17,7 @@ of the SAEs (rank r takes stores r, r+N, ...) as independent single-process runs
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 
@@ -62,7 +63,15 @@ def setup() -> DistributedContext:
         device, backend = torch.device("cuda", local_rank), "nccl"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+        # Left to interpreter shutdown, the group's gloo threads can abort the process ("terminate
+        # called without an active exception"), seen under load: tear it down first.
+        atexit.register(_destroy_group)
     return DistributedContext(rank, world, local_rank, device)
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_batch_size(batch_size: int, ctx: DistributedContext) -> None:
