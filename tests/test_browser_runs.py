@@ -4,13 +4,12 @@ analyse its SAE against a tiny model of the same width and open its feature list
 with a baseline run. Screenshots go to $SAE_KIT_SCREENSHOTS, else the test's temporary folder."""
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import pytest
 
-from test_browser import _get, _post, browser_page, running_server  # skips this module too when Chromium is missing
+# page and shots are test_browser's fixtures; page uses this module's server.
+from test_browser import _get, _post, page, running_server, shots  # noqa: F401 (fixtures)  # skips this module too when Chromium is missing
 from tiny_served import HOOK, write_tiny_model
 
 D_IN = 32
@@ -27,19 +26,6 @@ def server(tmp_path_factory):
     write_tiny_model(root / "model")
     with running_server(root, "--max-runs", "1") as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def page(server):
-    with browser_page(server) as page:
-        yield page
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory):
-    folder = Path(os.environ.get("SAE_KIT_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def test_start_a_run_with_a_plugin_watch_it_and_open_its_features(page, server, shots):
