@@ -750,7 +750,9 @@ def test_gba_statistics_and_adaptation_schedule() -> None:
 
 
 def test_gba_biases_stay_in_range_over_many_adaptations() -> None:
-    opts = {"groups": 4, "adapt_every": 1, "gamma_up": 5.0, "gamma_down": 1.5}  # large steps reach both clamps
+    # The paper's rule (constant steps, raise dead neurons only); large steps reach both clamps.
+    opts = {"groups": 4, "adapt_every": 1, "gamma_up": 5.0, "gamma_down": 1.5, "step_growth": 1.0, "raise_below": 0.0,
+            "max_step": 10.0}
     sae = make_sae("gba", d_in=16, d_sae=32, options=opts)
     g = torch.Generator().manual_seed(123)
     optimizer = torch.optim.Adam(sae.trainable_parameters(), lr=1e-2)

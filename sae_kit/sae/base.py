@@ -128,6 +128,12 @@ class SAE(nn.Module):
         return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @classmethod
+    def sparsity_settings(cls, target_l0: int) -> dict[str, Any]:
+        """SAEConfig/TrainConfig overrides that make this architecture run at about ``target_l0``
+        mean active latents (``bench pareto`` and any "train at L0 ≈ N" code): k for the TopK family."""
+        return {"k": int(target_l0)}
+
+    @classmethod
     def default_lr(cls, d_sae: int) -> float:
         """Gao et al. / sparsify: 2e-4 / sqrt(d_sae / 2^14)."""
         return 2e-4 / math.sqrt(d_sae / 2**14)
