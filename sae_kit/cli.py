@@ -244,6 +244,38 @@ def cmd_bench_synthetic(args) -> int:
     return 0
 
 
+def cmd_bench_reproduce(args) -> int:
+    from sae_kit.experiments.reproduce import rows_as_json, run_claims, write_outputs
+
+    rows = run_claims(args.claim, quick=args.quick, seed=args.seed)
+    for row in rows:
+        print(f"{row['name']}: {row['verdict']} ({row['wall_s']} s)\n  paper: {row['paper_value']}\n  ours:  {row['ours']}")
+    if args.out:
+        print(f"written to {write_outputs(rows, args.out, quick=args.quick, seed=args.seed)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows_as_json(rows), indent=2, default=str))
+    return 0
+
+
+def cmd_bench_pareto(args) -> int:
+    from sae_kit.experiments.pareto import ParetoSettings, figure, format_markdown, run_pareto
+
+    settings = ParetoSettings(
+        activations=args.activations, model=args.model, architectures=None if "all" in args.arch else args.arch,
+        target_l0s=tuple(args.l0), tokens=args.tokens, expansion=args.expansion, batch_size=args.batch_size,
+        heldout_tokens=args.heldout_tokens, in_model_tokens=args.in_model_tokens, context=args.context,
+        dataset=args.dataset, seed=args.seed, threads=args.threads, out=args.out,
+    )
+    rows = run_pareto(settings, progress=not args.no_progress)
+    table = format_markdown(rows)
+    print(table)
+    out = Path(args.out)
+    figure(rows).write_html(str(out / "pareto.html"), include_plotlyjs="cdn")
+    (out / "pareto.md").write_text(table + "\n")
+    print(f"table, figure and rows in {out}/pareto.md, pareto.html, pareto.jsonl")
+    return 0
+
+
 def cmd_export(args) -> int:
     from sae_kit.interop.commands import cmd_export as run
 
@@ -439,6 +471,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the table's rows as JSON")
     p.add_argument("--no-progress", action="store_true")
 
+    p = bench.add_parser("reproduce", help="re-run each seed method's published headline claim")
+    p.add_argument("--claim", nargs="+", default=["all"], help="claim names (default: all)")
+    p.add_argument("--quick", action="store_true", help="CI sizes (seconds), not the documented full sizes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the markdown table here and one HTML figure per claim beside it")
+    p.add_argument("--json", help="write the rows as JSON")
+
+    p = bench.add_parser("pareto", help="every architecture at several sparsities on one store (FVU, CE, KL, L0, dead)")
+    p.add_argument("--activations", required=True, help="activation store folder")
+    p.add_argument("--model", help="model for CE-loss recovered and KL (e.g. smollm2); omit for store metrics only")
+    p.add_argument("--arch", nargs="+", default=["all"], choices=("all", *sorted(ARCHITECTURES)))
+    p.add_argument("--l0", nargs="+", type=int, default=[16, 32, 64], help="target mean L0s")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per SAE")
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--heldout-tokens", type=int, default=65_536, help="held-out store rows for FVU/L0/dead")
+    p.add_argument("--in-model-tokens", type=int, default=4096, help="tokens of held-out text for CE/KL")
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--dataset", default="default", help="text for the in-model evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="runs/pareto", help="run folders, pareto.jsonl (resumable), .md, .html")
+    p.add_argument("--no-progress", action="store_true")
+
     from sae_kit.interop.commands import add_parsers as add_interop_parsers
 
     add_interop_parsers(sub)
@@ -455,6 +511,8 @@ COMMANDS = {
     ("store", "synth"): cmd_store_synth,
     ("store", "join"): cmd_store_join,
     ("bench", "synthetic"): cmd_bench_synthetic,
+    ("bench", "reproduce"): cmd_bench_reproduce,
+    ("bench", "pareto"): cmd_bench_pareto,
     ("export",): cmd_export,
     ("import",): cmd_import,
     ("plugins",): cmd_plugins,

@@ -1,0 +1,1 @@
+"""Experiments apart from plugins: reproduction claims, Pareto tables."""
