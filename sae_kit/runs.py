@@ -264,8 +264,10 @@ class RunService:
         return self.describe(run_id)
 
     def cancel(self, run_id: str) -> dict[str, Any]:
-        row = self._row(run_id)
+        # Read and act under the lock a worker holds while it starts a run: otherwise a run read as
+        # queued could be started in between, and "cancelled before it started" would train to the end.
         with self._lock:
+            row = self._row(run_id)
             if row["status"] == "queued":
                 self.store.update(run_id, status="cancelled", ended=time.time(), error="cancelled before it started")
             elif row["status"] == "running":
@@ -278,11 +280,12 @@ class RunService:
         return self.describe(run_id)
 
     def resume(self, run_id: str) -> dict[str, Any]:
-        row = self._row(run_id)
-        if row["status"] not in RESUMABLE:
-            raise RunStateError(f"run {run_id} is {row['status']}; only {', '.join(RESUMABLE)} runs can be resumed")
-        self.store.update(run_id, status="queued", error=None, ended=None)
-        self._queue.put(run_id)
+        with self._lock:  # as in cancel: two resumes of one run must not queue it twice
+            row = self._row(run_id)
+            if row["status"] not in RESUMABLE:
+                raise RunStateError(f"run {run_id} is {row['status']}; only {', '.join(RESUMABLE)} runs can be resumed")
+            self.store.update(run_id, status="queued", error=None, ended=None)
+            self._queue.put(run_id)
         return self.describe(run_id)
 
     def analyze(self, run_id: str, model: str | None = None, hook: str | None = None, tokens: int = 4096,
