@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -464,9 +465,21 @@ def write_store(
         raise ValueError("write_store needs a 2-D activations tensor [N, d_in]")
     if dtype is None:
         dtype = activations.dtype if activations.dtype in _DTYPES.values() else "float32"
-    with ActivationStoreWriter(directory, d_in=activations.shape[1], dtype=dtype,
-                               **writer_kwargs) as writer:
-        writer.append(activations, token_ids, positions)
+    directory = Path(directory)
+    existed = set(directory.iterdir()) if directory.is_dir() else None
+    try:
+        with ActivationStoreWriter(directory, d_in=activations.shape[1], dtype=dtype,
+                                   **writer_kwargs) as writer:
+            writer.append(activations, token_ids, positions)
+    except BaseException:
+        # Refused (NaN, bad shapes...) or interrupted: remove what this call created, so that the
+        # same call can simply be retried (a half-made store would make it a FileExistsError).
+        if existed is None:
+            shutil.rmtree(directory, ignore_errors=True)
+        elif directory.is_dir():
+            for path in set(directory.iterdir()) - existed:
+                path.unlink(missing_ok=True)
+        raise
     return ActivationStore(directory)
 
 
