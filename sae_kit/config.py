@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -87,6 +88,75 @@ def _coerce(value: Any, like: Any, what: str) -> Any:
         return type(like)(value)
     except ValueError:
         raise ConfigError(f"{what} expects a {type(like).__name__}, got {value!r}") from None
+
+
+def check_types(cls: type, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``data`` with each value converted to its dataclass field's declared type, or one ConfigError line
+    naming every field that does not fit and the type it expects.
+
+    Conversion follows pydantic's lax rules, as the server's request validation does: ``"10"`` for an
+    integer is 10, ``"0.1"`` for a number is 0.1. A true/false given for a number is refused (``k: yes``
+    is a slip, not a 1). Keys that are not fields are left for the caller to report.
+    """
+    from pydantic import ValidationError
+
+    hints = typing.get_type_hints(cls)
+    converted, problems = dict(data), []
+    for name, value in data.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        try:
+            if isinstance(value, bool) and not _admits_bool(hint):
+                raise ValueError
+            converted[name] = _adapter(hint).validate_python(value)
+        except (ValidationError, ValueError):
+            problems.append(f"{name}: expected {describe_type(hint)}, got {value!r}")
+    if problems:
+        raise ConfigError(f"{where}{'; '.join(problems)}")
+    return converted
+
+
+def describe_type(hint: Any) -> str:
+    """A reader's name for a declared type: ``float | None`` -> "a number or null"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg) for arg in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin is tuple and args and Ellipsis not in args:
+        kinds = {describe_type(arg) for arg in args}
+        number = {"a number": "numbers", "an integer": "integers", "a string": "strings"}.get(kinds.pop(), "values") \
+            if len(kinds) == 1 else "values"
+        return f"{_COUNT.get(len(args), len(args))} {number} [a, b{', ...' if len(args) > 2 else ''}]"
+    if origin is list or hint is list:
+        if not args or args[0] is typing.Any:
+            return "a list"
+        return f"a list of {describe_type(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict or hint is dict:
+        return "a mapping (key: value)"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null", typing.Any: "any value"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+_COUNT = {2: "two", 3: "three", 4: "four"}
+_ADAPTERS: dict[Any, Any] = {}
+
+
+def _adapter(hint: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    key = repr(hint)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = TypeAdapter(hint)
+    return _ADAPTERS[key]
+
+
+def _admits_bool(hint: Any) -> bool:
+    if hint is bool or hint is typing.Any:
+        return True
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return union and any(_admits_bool(arg) for arg in typing.get_args(hint))
 
 
 def parse_key_values(items: list[str] | None, what: str = "--opt") -> dict[str, str]:
