@@ -89,10 +89,18 @@ class SAE(nn.Module):
     # Whether selected values keep their sign (AbsTopK) instead of being ReLU'd.
     signed_codes: ClassVar[bool] = False
 
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Refuse a config this architecture cannot build, before anything is allocated or written."""
+        if cls.uses_k and cfg.k > cfg.d_sae:
+            raise ConfigError(f"k={cfg.k} is larger than d_sae={cfg.d_sae}: a {cls.architecture} SAE keeps at most "
+                              "d_sae latents per token; lower k or raise d_sae/expansion")
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         if cfg.architecture != self.architecture:
             raise ConfigError(f"{type(self).__name__} needs architecture={self.architecture!r}, got {cfg.architecture!r}")
+        self.check_config(cfg)
         if cfg.normalize_activations is None:
             cfg.normalize_activations = self.default_normalization
         self.cfg = cfg

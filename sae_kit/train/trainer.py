@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from sae_kit import data_parallel
-from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.config import ConfigError, SAEConfig, check_types
 from sae_kit.plugins.api import Batch, PluginSet, StepContext, build_plugins, free_parameters, normalize_specs
 from sae_kit.sae import ARCHITECTURES, SAE, create_sae
 from sae_kit.train import distributed
@@ -49,7 +49,7 @@ class BatchSource(Protocol):
 class TrainConfig:
     """Every setting of a training run; the CLI flags and YAML/JSON config files fill the same fields."""
 
-    activations: str | None = None
+    activations: str | list[str] | None = None  # a list: the CLI trains one SAE per store (train/spread.py)
     # Or train straight from a model, without a cache (harvest on the fly):
     model: str | None = None
     hook: str | None = None
@@ -106,6 +106,8 @@ class TrainConfig:
             raise ConfigError(f"decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
+        if self.d_sae:
+            ARCHITECTURES[self.architecture].check_config(self.sae_config(self.d_sae, {}))
         self.adam_betas = tuple(self.adam_betas)
         self.plugins = normalize_specs(self.plugins)
         build_plugins(self.plugins)  # unknown names, bad options and conflicts are reported now
@@ -116,7 +118,7 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown training setting(s) {unknown}; valid settings: {sorted(known)}")
-        return cls(**data)
+        return cls(**check_types(cls, data))
 
     @property
     def total_steps(self) -> int:
@@ -175,6 +177,13 @@ class Trainer:
             raise FileExistsError(
                 f"{self.run_dir} already holds a run's checkpoint; pass --resume to continue it or choose another --out"
             )
+        if checkpoint is None and (self.run_dir / "sae").exists():
+            raise FileExistsError(
+                f"{self.run_dir} already holds a trained SAE ({self.run_dir / 'sae'}); choose another --out, "
+                "or move that SAE away to train again into this folder"
+            )
+        if checkpoint is None:  # k > d_sae and the like are refused before the run folder exists
+            ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}))
         distributed.barrier(self.dist)  # every rank has looked for a checkpoint before rank 0 writes
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.plugins = PluginSet(build_plugins(cfg.plugins))
