@@ -31,7 +31,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from sae_kit.config import ConfigError, parse_options
+from sae_kit.config import ConfigError, check_types, parse_options
 from sae_kit.fileio import atomic_write
 from sae_kit.train.trainer import METRICS_FILE, TrainConfig, source_from_config
 
@@ -56,16 +56,81 @@ CREATE TABLE IF NOT EXISTS runs (
 
 # ------------------------------------------------------------------ validation
 def confined(root: Path, value: str, what: str) -> Path:
-    """``value`` (relative to the data folder, or absolute) as a resolved path that must stay inside ``root``."""
+    """``value`` (relative to the data folder, or absolute) as a resolved path that must stay inside ``root``.
+
+    Links are followed (a link out of the folder is outside it); ``~`` is not expanded by the server
+    and is refused rather than read as a folder named "~" that the child would expand."""
+    refuse_unreadable_text(value, what)
+    if value.startswith("~"):
+        raise ConfigError(f"{what} {value!r} is outside the server's data folder (the server does not expand "
+                          "'~'); give a path inside the data folder")
     path = (root / value).resolve()
     if not path.is_relative_to(root):
         raise ConfigError(f"{what} {value!r} is outside the server's data folder; give a path inside it")
     return path
 
 
+def refuse_unreadable_text(value: Any, what: str) -> None:
+    """Refuse strings no file system or log takes: NUL bytes and lone surrogates (invalid Unicode)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            refuse_unreadable_text(key, what)
+            refuse_unreadable_text(item, f"{what}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            refuse_unreadable_text(item, f"{what}[{index}]")
+    elif isinstance(value, str):
+        if "\x00" in value:
+            raise ConfigError(f"{what} {value!r} contains a NUL byte; remove it")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{what} {value!r} contains a lone surrogate (invalid Unicode); send valid UTF-8 text") from None
+
+
+def _is_model_name(root: Path, value: str) -> bool:
+    # Named models (smollm2, gpt2) are not paths: a bare name that is not a file in the data folder.
+    return "/" not in value and "\\" not in value and not value.startswith(("~", ".")) and not (root / value).exists()
+
+
+def confine_setting(root: Path, kind: str, value: str, what: str, keyword: Any = None) -> str:
+    """A path-like setting (``kind`` as in ``plugins.api.PATH_KINDS``) checked and resolved inside ``root``;
+    keywords ("auto", "default", "" for "the run's") and model names pass unchanged."""
+    refuse_unreadable_text(value, what)
+    if value == keyword or (kind == "model" and _is_model_name(root, value)):
+        return value
+    parts = value.split("+") if kind == "stores" else [value]
+    resolved = []
+    for part in parts:
+        if kind == "stores" and part == "":
+            continue
+        path = confined(root, part, what)
+        if not path.exists():
+            raise ConfigError(f"{what} {part!r} does not exist in the server's data folder")
+        resolved.append(str(path))
+    return "+".join(resolved)
+
+
+def confine_plugin_paths(specs: Any, root: Path) -> list[dict[str, Any]]:
+    """Every plugin option declared as a path (``option(path=...)``) confined to ``root``, in place of its value."""
+    from sae_kit.plugins.api import get_plugin, normalize_specs, path_options
+
+    specs = normalize_specs(specs)
+    for spec in specs:
+        declared = path_options(get_plugin(spec["name"]))
+        for name, value in spec.items():
+            if name in declared and isinstance(value, str):
+                kind, keyword = declared[name]
+                spec[name] = confine_setting(root, kind, value, f"plugin {spec['name']} option {name}", keyword)
+    return specs
+
+
 def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
-    """A TrainConfig for a run writing to ``out``, from a request's mapping; ConfigError says what is wrong."""
-    from pydantic import TypeAdapter, ValidationError
+    """A TrainConfig for a run writing to ``out``, from a request's mapping; ConfigError says what is wrong.
+
+    Every path the run can reach (activations, model, dataset, plugin options declared as paths) is
+    confined to the data folder here, before the run is queued."""
+    from sae_kit.sae import ARCHITECTURES
 
     root = Path(root).resolve()
     if not isinstance(data, dict):
@@ -77,39 +142,26 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
     chosen = sorted(set(data) & set(SERVER_FIELDS))
     if chosen:
         raise ConfigError(f"{chosen} are chosen by the server (each run writes its own folder); leave them out")
-    settings = dict(data)
+    refuse_unreadable_text(data, "config")
+    settings = check_types(TrainConfig, dict(data))
     if isinstance(settings.get("activations"), list):
         raise ConfigError("one activation store per run: give activations as one path")
-    for key, what in (("activations", "activation store"), ("model", "model folder"), ("dataset", "dataset")):
+    for key, kind, keyword in (("activations", "store", None), ("model", "model", None), ("dataset", "dataset", "default")):
         value = settings.get(key)
-        if not isinstance(value, str) or not value:
-            continue
-        # Named models (smollm2, gpt2) and the bundled corpus are not paths.
-        if key == "model" and "/" not in value and not (root / value).exists():
-            continue
-        if key == "dataset" and value == "default":
-            continue
-        path = confined(root, value, what)
-        if not path.exists():
-            raise ConfigError(f"{what} {value!r} does not exist in the server's data folder")
-        settings[key] = str(path)
-    try:
-        cfg = TypeAdapter(TrainConfig).validate_python({**settings, "out": str(out), "progress": False})
-    except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-                    for e in exc.errors()]
-        raise ConfigError("; ".join(problems)) from None
-    from sae_kit.sae import ARCHITECTURES
-
+        if isinstance(value, str) and value:
+            settings[key] = confine_setting(root, kind, value, key, keyword)
+    settings["plugins"] = confine_plugin_paths(settings.get("plugins"), root)
+    cfg = TrainConfig.from_dict({**settings, "out": str(out), "progress": False})
     parse_options(ARCHITECTURES[cfg.architecture].Options, cfg.options, f"architecture {cfg.architecture!r}")
     if cfg.model and not cfg.activations:
         if not cfg.hook:
             raise ConfigError("model needs hook (e.g. blocks.6.hook_resid_post)")
     else:
         try:
-            source_from_config(cfg)  # opens the store: a missing or corrupt one is reported now
+            source = source_from_config(cfg)  # opens the store: a missing or corrupt one is reported now
         except (OSError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
+        ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}))
     return cfg
 
 
@@ -305,8 +357,8 @@ class RunService:
         if not model or str(model).startswith("synthetic:") or not hook:
             raise ConfigError(f"the SAE of run {run_id} was trained on {model or 'activations without a model'}: "
                               "name a model (and hook) whose activations have the SAE's width to analyse it against")
-        if "/" in model or (self.root / model).exists():
-            model = str(confined(self.root, model, "model folder"))
+        model = confine_setting(self.root, "model", model, "model")
+        refuse_unreadable_text(hook, "hook")
         command = [self.python, "-m", "sae_kit.cli", "analyze", str(sae_dir), "--model", model, "--hook", hook,
                    "--tokens", str(int(tokens)), "--context", str(int(context)), "--no-progress", "--threads", "1"]
         self.store.update(run_id, analysis="running", analysis_error=None)

@@ -50,9 +50,25 @@ ENTRY_POINT_GROUP = "sae_kit.plugins"
 STATE_DIR = "plugins"
 
 
-def option(default: Any, doc: str) -> Any:
-    """A plugin option with its documentation (shown by ``sae-kit plugins`` and usable for UI forms)."""
-    return field(default=default, metadata={"doc": doc})
+# What a path option names (``option(path=...)``); "stores" is several activation stores joined by "+".
+PATH_KINDS = ("store", "stores", "sae", "file", "model", "dataset")
+
+
+def option(default: Any, doc: str, *, path: str | None = None) -> Any:
+    """A plugin option with its documentation (shown by ``sae-kit plugins`` and usable for UI forms).
+
+    ``path`` (one of ``PATH_KINDS``) declares that the option names files: a server that trains
+    confines it to its data folder like the run's own paths. The default value of a path option is a
+    keyword, never a path ("auto", "" for "the run's", "default" for the bundled corpus).
+    """
+    if path is not None and path not in PATH_KINDS:
+        raise ValueError(f"option(path=...) must be one of {PATH_KINDS}, got {path!r}")
+    return field(default=default, metadata={"doc": doc, **({"path": path} if path else {})})
+
+
+def path_options(cls: type["Plugin"]) -> dict[str, tuple[str, Any]]:
+    """The plugin's options that name files: {option: (kind, default keyword)}."""
+    return {f.name: (f.metadata["path"], f.default) for f in dataclasses.fields(cls.Options) if "path" in f.metadata}
 
 
 @dataclass
@@ -239,6 +255,8 @@ def options_schema(cls: type[Plugin]) -> list[dict[str, Any]]:
     for f in dataclasses.fields(cls.Options):
         hint = hints.get(f.name)
         entry = {"name": f.name, "default": f.default, "doc": f.metadata.get("doc", "")}
+        if "path" in f.metadata:
+            entry["path"] = f.metadata["path"]
         if typing.get_origin(hint) is typing.Literal:
             entry["type"], entry["choices"] = "choice", list(typing.get_args(hint))
         else:

@@ -43,7 +43,7 @@ class CoLoRFilter(Plugin):
 
     @dataclass
     class Options:
-        target: str = option("auto", "target-domain activation store, or auto (synthetic data: reversed profile)")
+        target: str = option("auto", "target-domain activation store, or auto (synthetic data: reversed profile)", path="store")
         keep_one_in: int = option(4, "τ: candidates drawn per kept token")
         helper_d_sae: int = option(0, "latents of the helper SAEs (0: a quarter of the run's)")
         helper_steps: int = option(200, "training steps of the prior helper on the pool")

@@ -81,9 +81,9 @@ class MaskTune(Plugin):
 
     @dataclass
     class Options:
-        pretrained: str = option("auto", "SAE folder to transfer, or auto: train one in setup on pretrain_data")
+        pretrained: str = option("auto", "SAE folder to transfer, or auto: train one in setup on pretrain_data", path="sae")
         pretrain_data: str = option("auto", "with pretrained=auto: an activation store, or auto (synthetic: the "
-                                            "run's dictionary with the firing profile reversed)")
+                                            "run's dictionary with the firing profile reversed)", path="store")
         pretrain_steps: int = option(0, "with pretrained=auto: training steps (0: as many as the run)")
         consistency: float = option(0.1, "weight of ‖x̂ − x̂_pretrained‖² / Var (the forgetting regulariser)")
         threshold: float = option(0.5, "mask weights above it keep their encoder entry (they start at 1)")
