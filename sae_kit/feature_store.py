@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -63,7 +64,13 @@ CREATE INDEX examples_feature ON examples(feature, kind, bin, rank);
 
 
 class FeatureStoreError(ValueError):
-    """A feature store is missing, not a feature store, or from an incompatible version."""
+    """A feature store is missing, not a feature store, damaged, or from an incompatible version."""
+
+
+def _looks_damaged(exc: sqlite3.Error) -> bool:
+    # OperationalError is also a bad query (e.g. a malformed full-text search): only these mean the file.
+    text = str(exc).lower()
+    return any(words in text for words in ("malformed", "not a database", "unable to open", "disk i/o", "no such table"))
 
 
 class FeatureStoreWriter:
@@ -107,27 +114,90 @@ class FeatureStoreWriter:
 
 
 class FeatureStore:
-    """Read access to a feature store (safe to share between threads: each call opens its own connection)."""
+    """Read access to a feature store (safe to share between threads: each call opens its own connection).
+
+    A file damaged or removed while it is served (overwritten, truncated, deleted) raises
+    :class:`FeatureStoreError` saying so and how to rebuild it, at the next call and from
+    :meth:`problem`, rather than SQLite's own errors or wrong rows."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._good_stamp: tuple[int, int, int] | None = None
         if not self.path.is_file():
             raise FeatureStoreError(f"no feature store at {self.path}; create it with `sae-kit analyze`")
-        try:
-            with self._connect() as connection:
+        reason = self._file_problem()
+        if reason:
+            raise FeatureStoreError(f"{self.path} is not a feature store ({reason}); re-create it with {self._rebuild}")
+        with self._connect() as connection:
+            try:
                 self.meta = {key: json.loads(value) for key, value in connection.execute("SELECT key, value FROM meta")}
-        except sqlite3.DatabaseError as exc:
-            raise FeatureStoreError(f"{self.path} is not a feature store ({exc}); re-create it with "
-                                    "`sae-kit analyze`") from None
+            except (sqlite3.DatabaseError, ValueError) as exc:
+                raise FeatureStoreError(f"{self.path} is not a feature store ({exc}); re-create it with "
+                                        f"{self._rebuild}") from None
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise FeatureStoreError(f"{self.path} has format {self.meta.get('format_version')!r}, this sae-kit reads "
                                     f"{FORMAT_VERSION}; re-create it with `sae-kit analyze`")
         self.d_sae = int(self.meta["d_sae"])
 
-    def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    @property
+    def _rebuild(self) -> str:
+        return f"`sae-kit analyze {self.path.parent}`"
+
+    def problem(self) -> str | None:
+        """What is wrong with the file now (gone, not SQLite, truncated), or None; cheap (a stat, and a
+        look at the 100-byte header when the file changed)."""
+        reason = self._file_problem()
+        if reason is None:
+            return None
+        verb = "is" if reason.startswith("gone") else "is damaged:"
+        return f"the feature store {self.path} {verb} {reason}; rebuild it with {self._rebuild}"
+
+    def _file_problem(self) -> str | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return "gone (deleted or moved)"
+        stamp = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if stamp == self._good_stamp:
+            return None
+        try:
+            with open(self.path, "rb") as handle:
+                header = handle.read(100)
+        except OSError as exc:
+            return f"unreadable ({exc})"
+        if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+            return "not an SQLite database"
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        pages = int.from_bytes(header[28:32], "big")
+        if pages and stat.st_size < page_size * pages:
+            return f"truncated ({stat.st_size} of {page_size * pages} bytes)"
+        self._good_stamp = stamp
+        return None
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        problem = self.problem()
+        if problem:
+            raise FeatureStoreError(problem)
+        try:
+            connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        except sqlite3.DatabaseError as exc:
+            raise FeatureStoreError(f"the feature store {self.path} cannot be opened ({exc}); rebuild it with "
+                                    f"{self._rebuild}") from None
         connection.row_factory = sqlite3.Row
-        return connection
+        try:
+            with connection:
+                yield connection
+        except sqlite3.DatabaseError as exc:
+            # A malformed page, or a file swapped for a non-database, shows up only when read.
+            self._good_stamp = None
+            if isinstance(exc, sqlite3.OperationalError) and not _looks_damaged(exc):
+                raise
+            raise FeatureStoreError(f"the feature store {self.path} is damaged ({exc}); rebuild it with "
+                                    f"{self._rebuild}") from None
+        finally:
+            connection.close()
 
     def list_features(self, *, offset: int = 0, limit: int = 50, sort: str = "id", descending: bool = False,
                       min_density: float | None = None, max_density: float | None = None,
