@@ -29,10 +29,22 @@ function showError(target, error) {
 
 // Every page works on one SAE, named in the URL (?sae=...) and picked in the header.
 async function pickSae(onChange) {
-  const saes = await api("/api/saes");
+  const listed = await api("/api/saes");
+  // SAE folders the server could not serve come last, each with its problem: shown, not pickable.
+  const saes = listed.filter(s => s.served !== false);
+  const broken = listed.filter(s => s.served === false);
   const select = document.getElementById("sae");
   for (const sae of saes) {
     select.append(el("option", {value: sae.id, text: `${sae.id} (${sae.d_sae} features, ${sae.hook})`}));
+  }
+  for (const sae of broken) {
+    select.append(el("option", {value: sae.id, disabled: "", title: sae.problem, text: `${sae.id} (not served)`}));
+  }
+  if (broken.length) {
+    const notice = el("div", {class: "error broken-saes"},
+      el("div", {text: `${broken.length} SAE folder(s) cannot be served:`}),
+      ...broken.map(sae => el("div", {text: `${sae.id}: ${sae.problem}`})));
+    (document.querySelector("main") || document.body).prepend(notice);
   }
   const wanted = params.get("sae");
   const analysed = saes.find(s => s.analysed);

@@ -1,7 +1,7 @@
 """GET routes: models, hooks, SAEs, pages of features and single features."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 
@@ -9,13 +9,14 @@ from .deps import analysed_sae, registry, served_sae
 from .registry import Registry
 from .schemas import ID_PATTERN, error_responses, Feature, FeaturePage, HookInfo, ModelInfo, SAEInfo
 
-router = APIRouter(prefix="/api", tags=["catalog"], responses=error_responses(404, 422))
+router = APIRouter(prefix="/api", tags=["catalog"], responses=error_responses(404, 422, 503))
 SAE_ID = Path(pattern=ID_PATTERN, description="SAE id, as listed by GET /api/saes")
 
 
 @router.get("/health")
-def health() -> dict[str, str]:
-    return {"status": "ok"}
+def health(reg: Registry = Depends(registry)) -> dict[str, Any]:
+    """"ok", or "degraded" with ``problems`` by SAE id (e.g. a feature store damaged while served)."""
+    return reg.health()
 
 
 @router.get("/models", response_model=list[ModelInfo])
@@ -30,7 +31,7 @@ def hooks(reg: Registry = Depends(registry)):
 
 @router.get("/saes", response_model=list[SAEInfo])
 def saes(reg: Registry = Depends(registry)):
-    return [served.describe() for served in reg.saes.values()]
+    return reg.describe_saes()
 
 
 @router.get("/saes/{sae_id}", response_model=SAEInfo)

@@ -55,7 +55,7 @@ class ServedSAE:
         return {"id": self.id, "model": self.model_id, "hook": self.hook, "architecture": cfg.architecture,
                 "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k if self.sae.uses_k else None,
                 "analysed": self.store is not None, "analysis": self._analysis_summary(),
-                "store_problem": self.store_problem}
+                "store_problem": self.store_problem, "served": True, "problem": None}
 
     def _analysis_summary(self) -> dict[str, Any] | None:
         if self.store is None:
@@ -87,9 +87,11 @@ class Registry:
         for folder in folders:
             try:
                 self.add_folder(folder)
-            except Exception:
-                if not lenient:
-                    raise
+            except Exception:  # kept in skipped: listed by GET /api/saes with its problem, the others served
+                pass
+        if not self.saes and not lenient:
+            problems = "; ".join(f"{sae_id}: {problem}" for sae_id, problem in self.skipped.items())
+            raise ConfigError(f"none of the SAE folders under {self.root} can be served ({problems})")
 
     def sae_id(self, folder: Path) -> str:
         folder = folder.resolve()
@@ -145,6 +147,18 @@ class Registry:
             if sae_id not in served_model.sae_ids:
                 served_model.sae_ids.append(sae_id)
         return self.saes[sae_id]
+
+    def describe_saes(self) -> list[dict[str, Any]]:
+        """The served SAEs, then the SAE folders that cannot be served, each with its problem."""
+        broken = [{"id": sae_id, "served": False, "problem": problem, "analysed": False}
+                  for sae_id, problem in sorted(self.skipped.items())]
+        return [served.describe() for served in self.saes.values()] + broken
+
+    def health(self) -> dict[str, Any]:
+        """"ok", or "degraded" with what is wrong by SAE id (a feature store damaged while served)."""
+        problems = {sae_id: problem for sae_id, served in list(self.saes.items())
+                    if served.store is not None and (problem := served.store.problem())}
+        return {"status": "degraded", "problems": problems} if problems else {"status": "ok"}
 
     def describe_models(self) -> list[dict[str, Any]]:
         return [{"id": m.id, "name": m.id, "n_layers": m.model.n_layers, "d_model": m.model.d_model,

@@ -39,16 +39,20 @@ class AnalysisInfo(BaseModel):
 
 
 class SAEInfo(BaseModel):
+    """A served SAE, or (``served`` false) an SAE folder that cannot be served and its ``problem``."""
+
     id: str
-    model: str
-    hook: str
-    architecture: str
-    d_in: int
-    d_sae: int
+    model: Optional[str] = None
+    hook: Optional[str] = None
+    architecture: Optional[str] = None
+    d_in: Optional[int] = None
+    d_sae: Optional[int] = None
     k: Optional[int] = None
     analysed: bool
     analysis: Optional[AnalysisInfo] = None
     store_problem: Optional[str] = None
+    served: bool = True
+    problem: Optional[str] = None
 
 
 class FeatureSummary(BaseModel):

@@ -156,7 +156,7 @@ def test_a_finished_run_is_analysed_into_the_feature_browser(client, root):
 BAD = [
     ({**CONFIG, "learning_rate": 1}, "unknown training setting(s) ['learning_rate']"),
     ({**CONFIG, "out": "/tmp/x"}, "chosen by the server"),
-    ({**CONFIG, "k": "many"}, "k: Input should be a valid integer"),
+    ({**CONFIG, "k": "many"}, "k: expected an integer, got 'many'"),
     ({**CONFIG, "k": 0}, "k must be >= 1"),
     ({**CONFIG, "architecture": "nope"}, "unknown architecture 'nope'"),
     ({**CONFIG, "options": {"selection": "batch"}}, "unknown option(s) ['selection'] for architecture 'topk'"),
