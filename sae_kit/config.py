@@ -117,6 +117,26 @@ def check_types(cls: type, data: dict[str, Any], where: str = "") -> dict[str, A
     return converted
 
 
+def check_text(value: Any, what: str) -> Any:
+    """Refuse strings no file system, database or log takes, anywhere in ``value`` (nested mappings and
+    lists too): NUL bytes and lone surrogates (invalid Unicode, e.g. a JSON ``"\\ud800"``)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, what)
+            check_text(item, f"{what}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_text(item, f"{what}[{index}]")
+    elif isinstance(value, str):
+        if "\x00" in value:
+            raise ConfigError(f"{what} {value!r} contains a NUL byte; remove it")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{what} {value!r} contains a lone surrogate (invalid Unicode); send valid UTF-8 text") from None
+    return value
+
+
 def describe_type(hint: Any) -> str:
     """A reader's name for a declared type: ``float | None`` -> "a number or null"."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)

@@ -31,7 +31,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from sae_kit.config import ConfigError, check_types, parse_options
+from sae_kit.config import ConfigError, check_text, check_types, parse_options
 from sae_kit.fileio import atomic_write
 from sae_kit.train.trainer import METRICS_FILE, TrainConfig, source_from_config
 
@@ -60,7 +60,7 @@ def confined(root: Path, value: str, what: str) -> Path:
 
     Links are followed (a link out of the folder is outside it); ``~`` is not expanded by the server
     and is refused rather than read as a folder named "~" that the child would expand."""
-    refuse_unreadable_text(value, what)
+    check_text(value, what)
     if value.startswith("~"):
         raise ConfigError(f"{what} {value!r} is outside the server's data folder (the server does not expand "
                           "'~'); give a path inside the data folder")
@@ -68,24 +68,6 @@ def confined(root: Path, value: str, what: str) -> Path:
     if not path.is_relative_to(root):
         raise ConfigError(f"{what} {value!r} is outside the server's data folder; give a path inside it")
     return path
-
-
-def refuse_unreadable_text(value: Any, what: str) -> None:
-    """Refuse strings no file system or log takes: NUL bytes and lone surrogates (invalid Unicode)."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            refuse_unreadable_text(key, what)
-            refuse_unreadable_text(item, f"{what}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            refuse_unreadable_text(item, f"{what}[{index}]")
-    elif isinstance(value, str):
-        if "\x00" in value:
-            raise ConfigError(f"{what} {value!r} contains a NUL byte; remove it")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigError(f"{what} {value!r} contains a lone surrogate (invalid Unicode); send valid UTF-8 text") from None
 
 
 def _is_model_name(root: Path, value: str) -> bool:
@@ -96,7 +78,7 @@ def _is_model_name(root: Path, value: str) -> bool:
 def confine_setting(root: Path, kind: str, value: str, what: str, keyword: Any = None) -> str:
     """A path-like setting (``kind`` as in ``plugins.api.PATH_KINDS``) checked and resolved inside ``root``;
     keywords ("auto", "default", "" for "the run's") and model names pass unchanged."""
-    refuse_unreadable_text(value, what)
+    check_text(value, what)
     if value == keyword or (kind == "model" and _is_model_name(root, value)):
         return value
     parts = value.split("+") if kind == "stores" else [value]
@@ -142,7 +124,7 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
     chosen = sorted(set(data) & set(SERVER_FIELDS))
     if chosen:
         raise ConfigError(f"{chosen} are chosen by the server (each run writes its own folder); leave them out")
-    refuse_unreadable_text(data, "config")
+    check_text(data, "config")
     settings = check_types(TrainConfig, dict(data))
     if isinstance(settings.get("activations"), list):
         raise ConfigError("one activation store per run: give activations as one path")
@@ -351,14 +333,17 @@ class RunService:
         if row["analysis"] == "running":
             raise RunStateError(f"run {run_id} is already being analysed")
         sae_dir = self.runs_dir / run_id / "sae"
-        metadata = load_sae(sae_dir).cfg.metadata
+        try:
+            metadata = load_sae(sae_dir).cfg.metadata
+        except (OSError, ValueError) as exc:  # the finished run's SAE was damaged or removed since
+            raise RunStateError(f"the SAE of run {run_id} cannot be loaded ({exc}); train the run again") from None
         model = model or metadata.get("model_name")
         hook = hook or metadata.get("hook_name")
         if not model or str(model).startswith("synthetic:") or not hook:
             raise ConfigError(f"the SAE of run {run_id} was trained on {model or 'activations without a model'}: "
                               "name a model (and hook) whose activations have the SAE's width to analyse it against")
         model = confine_setting(self.root, "model", model, "model")
-        refuse_unreadable_text(hook, "hook")
+        check_text(hook, "hook")
         command = [self.python, "-m", "sae_kit.cli", "analyze", str(sae_dir), "--model", model, "--hook", hook,
                    "--tokens", str(int(tokens)), "--context", str(int(context)), "--no-progress", "--threads", "1"]
         self.store.update(run_id, analysis="running", analysis_error=None)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 
 from .deps import analysed_sae, registry, served_sae
 from .registry import Registry
-from .schemas import ID_PATTERN, error_responses, Feature, FeaturePage, HookInfo, ModelInfo, SAEInfo
+from .schemas import ID_PATTERN, Text, error_responses, Feature, FeaturePage, HookInfo, ModelInfo, SAEInfo
 
 router = APIRouter(prefix="/api", tags=["catalog"], responses=error_responses(404, 422, 503))
 SAE_ID = Path(pattern=ID_PATTERN, description="SAE id, as listed by GET /api/saes")
@@ -49,7 +49,7 @@ def feature_page(
     min_density: Optional[float] = Query(None, ge=0, le=1),
     max_density: Optional[float] = Query(None, ge=0, le=1),
     min_max_act: Optional[float] = Query(None, ge=-1e9, le=1e9),
-    q: Optional[str] = Query(None, max_length=200, description="text in the explanation, top tokens or promoted tokens"),
+    q: Optional[Text] = Query(None, max_length=200, description="text in the explanation, top tokens or promoted tokens"),
     reg: Registry = Depends(registry),
 ):
     served = analysed_sae(reg, sae_id)

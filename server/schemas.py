@@ -1,9 +1,15 @@
 """Request and response bodies of the REST API (they are also its OpenAPI schema)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from sae_kit.config import check_text
+
+# Free text from a client: NUL bytes and lone surrogates (valid JSON, invalid Unicode) are a 422, not a
+# tokenizer's or a log's crash.
+Text = Annotated[str, AfterValidator(lambda value: check_text(value, "the text"))]
 
 # Ids as the registry makes them: folder names joined by dots; anything else is refused before lookup.
 ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$"
@@ -119,14 +125,14 @@ class Feature(BaseModel):
 
 class TextRequest(Strict):
     sae: str = Field(pattern=ID_PATTERN, description="SAE id, as listed by GET /api/saes")
-    text: str = Field(min_length=1, max_length=4000)
+    text: Text = Field(min_length=1, max_length=4000)
     top_k: int = Field(default=5, ge=1, le=50, description="features shown per token")
     top_features: int = Field(default=20, ge=1, le=200, description="features ranked over the whole text")
 
 
 class EncodeRequest(Strict):
     sae: str = Field(pattern=ID_PATTERN)
-    text: str = Field(min_length=1, max_length=4000)
+    text: Text = Field(min_length=1, max_length=4000)
     features: Optional[list[int]] = Field(default=None, max_length=64,
                                           description="only these features' activations (dense per token)")
 
@@ -167,7 +173,7 @@ class SteerFeatureRequest(Strict):
 
 
 class SteerRequest(Strict):
-    prompt: str = Field(min_length=1, max_length=2000)
+    prompt: Text = Field(min_length=1, max_length=2000)
     features: list[SteerFeatureRequest] = Field(min_length=1, max_length=16)
     max_new_tokens: int = Field(default=32, ge=1, le=128)
     temperature: float = Field(default=0.7, ge=0, le=2, allow_inf_nan=False)

@@ -426,3 +426,405 @@ def test_defect_12_cancelling_right_after_creating_is_never_lost(runs_root, tmp_
         assert not (runs_root / "runs" / run["id"] / "sae").exists()  # the child did not train to the end
     finally:
         service.close()
+
+
+# ============================================================================ fault classes that hold
+# ---------------------------------------------------------------------------- activation stores
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+STORE_DAMAGE = {
+    "truncated shard": (lambda s: _truncate(s / "shard_00001.safetensors"), "shard_00001.safetensors"),
+    "deleted shard": (lambda s: (s / "shard_00002.safetensors").unlink(), "shard_00002.safetensors"),
+    "flipped shard": (lambda s: _flip_inside(s / "shard_00000.safetensors"), "shard_00000.safetensors"),
+    "manifest not JSON": (lambda s: (s / MANIFEST_NAME).write_text("{not json"), MANIFEST_NAME),
+    "manifest total": (lambda s: (s / MANIFEST_NAME).write_text(
+        (s / MANIFEST_NAME).read_text().replace('"total_tokens": 4096', '"total_tokens": 5000')), "total_tokens"),
+    "manifest escape": (lambda s: (s / MANIFEST_NAME).write_text(
+        (s / MANIFEST_NAME).read_text().replace('"shard_00000.safetensors"', '"../../etc/passwd"')), "plain file name"),
+    "manifest deleted": (lambda s: (s / MANIFEST_NAME).unlink(), MANIFEST_NAME),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(STORE_DAMAGE))
+def test_a_damaged_store_stops_training_with_the_file_named(tmp_path, capsys, damage):
+    store = synthetic_store(tmp_path / "s")
+    harm, words = STORE_DAMAGE[damage]
+    harm(store)
+    code = cli(["train", "--config", _write(tmp_path / "c.yaml", {**RUN, "activations": str(store)}),
+                "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "sae").exists()
+
+
+def test_a_verified_shard_is_hashed_once_per_process_and_again_after_a_change(tmp_path, monkeypatch):
+    import sae_kit.store as store_module
+
+    store = synthetic_store(tmp_path / "s")
+    hashed = []
+    real = store_module._sha256_of_file
+    monkeypatch.setattr(store_module, "_sha256_of_file", lambda path: hashed.append(path.name) or real(path))
+    for _ in range(3):  # three readers (train, eval, a plugin) of one store in one process
+        ActivationStore(store).read(0, 2000)
+    assert sorted(hashed) == ["shard_00000.safetensors", "shard_00001.safetensors"]
+    _flip_inside(store / "shard_00001.safetensors")
+    os.utime(store / "shard_00001.safetensors", ns=(1, 1))  # even with an old mtime the stamp differs (inode)...
+    with pytest.raises(StoreError, match="shard_00001"):
+        ActivationStore(store).read(1500, 1600)
+
+
+def test_a_writer_killed_mid_store_leaves_a_readable_prefix_and_resumes_to_the_same_bytes(tmp_path):
+    """The crash safety the harvest is built on: SIGKILL between shards, then the same writes again."""
+    from sae_kit.store import ActivationStoreWriter
+
+    rows = torch.randn(6 * 256, D_IN, generator=torch.Generator().manual_seed(3))
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from sae_kit.store import ActivationStoreWriter
+        rows = torch.randn(6 * 256, {D_IN}, generator=torch.Generator().manual_seed(3))
+        with ActivationStoreWriter({str(tmp_path / 'killed')!r}, d_in={D_IN}, shard_tokens=256) as writer:
+            for start in range(0, len(rows), 128):
+                writer.append(rows[start:start + 128])
+                if writer.tokens_written >= 3 * 256:
+                    os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    killed = ActivationStore(tmp_path / "killed")
+    killed.verify()
+    assert killed.n_tokens == 3 * 256 and torch.equal(killed.read(0, 768), rows[:768])
+    for name in ("killed", "whole"):  # the same appends again: the killed one resumes after its last shard
+        with ActivationStoreWriter(tmp_path / name, d_in=D_IN, shard_tokens=256) as writer:
+            for start in range(writer.tokens_written, len(rows), 128):
+                writer.append(rows[start:start + 128])
+    for name in sorted(p.name for p in (tmp_path / "whole").iterdir()):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_a_training_run_killed_mid_run_resumes_to_the_uninterrupted_sae(tmp_path, store):
+    from safetensors.torch import load_file
+
+    config = _write(tmp_path / "c.yaml", {**RUN, "activations": str(store), "tokens": 128 * 60})
+    victim = tmp_path / "victim"
+    child = subprocess.Popen([sys.executable, "-m", "sae_kit.cli", "train", "--config", config, "--out", str(victim),
+                              "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while child.poll() is None and time.monotonic() < deadline:
+        if (victim / "checkpoint" / "state.json").is_file():
+            child.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    child.wait(30)
+    assert child.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (victim / "sae").exists()
+    assert cli(["train", "--config", config, "--out", str(victim), "--resume", "--no-progress"]) == 0
+    assert cli(["train", "--config", config, "--out", str(tmp_path / "whole"), "--no-progress"]) == 0
+    resumed = load_file(str(victim / "sae" / "sae_weights.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "sae" / "sae_weights.safetensors"))
+    assert all(torch.equal(resumed[name], whole[name]) for name in whole)
+
+
+# ---------------------------------------------------------------------------- SAE folders
+SAE_DAMAGE = {
+    "weights truncated": (lambda d: _truncate(d / "sae_weights.safetensors"), "sae_weights.safetensors"),
+    "weights deleted": (lambda d: (d / "sae_weights.safetensors").unlink(), "sae_weights.safetensors"),
+    "weights of another SAE": (lambda d: (d / "sae_weights.safetensors").write_bytes(
+        _other_weights()), "sae_weights.safetensors"),
+    "cfg.json empty": (lambda d: (d / "cfg.json").write_text(""), "cfg.json"),
+    "cfg.json not JSON": (lambda d: (d / "cfg.json").write_text("{oops"), "cfg.json"),
+    "cfg.json a list": (lambda d: (d / "cfg.json").write_text("[1, 2]"), "cfg.json"),
+    "unknown architecture": (lambda d: _edit_cfg(d, architecture="nope"), "architecture"),
+    "options not a mapping": (lambda d: _edit_cfg(d, sae_kit={"options": [1]}), "options"),
+    "negative k": (lambda d: _edit_cfg(d, k=-3), "k"),
+}
+
+
+def _other_weights() -> bytes:
+    from safetensors.torch import save
+
+    return save({"W_enc": torch.zeros(7, 9), "W_dec": torch.zeros(9, 7), "b_enc": torch.zeros(9), "b_dec": torch.zeros(7)})
+
+
+def _edit_cfg(directory: Path, **changes) -> None:
+    data = json.loads((directory / "cfg.json").read_text())
+    data.update(changes)
+    (directory / "cfg.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage", sorted(SAE_DAMAGE))
+def test_a_damaged_sae_folder_is_refused_naming_the_file(tmp_path, trained, store, capsys, damage):
+    sae_dir = Path(shutil.copytree(trained, tmp_path / "sae"))
+    harm, words = SAE_DAMAGE[damage]
+    harm(sae_dir)
+    code = cli(["eval", str(sae_dir), "--activations", str(store), "--tokens", "256", "--batch-size", "128"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
+
+
+def test_a_browse_only_server_lists_every_damaged_sae_folder(served, tmp_path):
+    from sae_kit.server.app import create_app
+
+    root = _copy_served(served, tmp_path)
+    for index, damage in enumerate(sorted(SAE_DAMAGE)):
+        if damage == "weights deleted":  # no longer an SAE folder at all: not listed
+            continue
+        target = Path(shutil.copytree(root / "saes" / "fresh", root / "saes" / f"broken{index}"))
+        SAE_DAMAGE[damage][0](target)
+    client = TestClient(create_app(root))
+    listed = {entry["id"]: entry for entry in client.get("/api/saes").json()}
+    assert listed["saes.main"]["served"] and listed["saes.fresh"]["served"]
+    broken = {sae_id: entry for sae_id, entry in listed.items() if not entry["served"]}
+    # cfg.json files that are not an SAE config (empty, not JSON, a list) are not SAE folders.
+    assert len(broken) >= 5 and all(entry["problem"] for entry in broken.values()), broken
+    all_broken = _copy_served(served, tmp_path / "all")
+    for name in ("main", "fresh"):
+        SAE_DAMAGE["weights truncated"][0](all_broken / "saes" / name)
+    with pytest.raises(ConfigError, match="none of the SAE folders.*saes.main"):
+        create_app(all_broken)
+
+
+# ---------------------------------------------------------------------------- feature stores
+def test_a_feature_store_damaged_before_start_is_reported_not_served(served, tmp_path):
+    from sae_kit.server.app import create_app
+
+    root = _copy_served(served, tmp_path)
+    (root / "saes" / "main" / "features.sqlite").write_bytes(b"\x00" * 4096)
+    client = TestClient(create_app(root))
+    sae = client.get("/api/saes/saes.main").json()
+    assert not sae["analysed"] and "features.sqlite" in sae["store_problem"]
+    response = client.get("/api/saes/saes.main/features")
+    assert response.status_code == 404 and "sae-kit analyze" in response.json()["detail"]
+    assert client.post("/api/encode", json={"sae": "saes.main", "text": "still encodes"}).status_code == 200
+
+
+def test_a_feature_store_rebuilt_while_served_is_served_again(served, tmp_path):
+    from sae_kit.server.app import create_app
+
+    root = _copy_served(served, tmp_path)
+    client = TestClient(create_app(root), raise_server_exceptions=False)
+    store = root / "saes" / "main" / "features.sqlite"
+    good = store.read_bytes()
+    _truncate(store)
+    assert client.get("/api/saes/saes.main/features/1").status_code == 503
+    assert client.get("/api/health").json()["status"] == "degraded"
+    replacement = store.with_suffix(".new")
+    replacement.write_bytes(good)
+    replacement.replace(store)  # what `sae-kit analyze` does: a whole new file renamed into place
+    assert client.get("/api/saes/saes.main/features/1").status_code == 200
+    assert client.get("/api/health").json() == {"status": "ok"}
+
+
+# ---------------------------------------------------------------------------- every endpoint
+@pytest.fixture(scope="module")
+def full_root(served, tmp_path_factory, store, trained) -> Path:
+    """The tiny served folder plus an activation store and a finished run, for a server that trains."""
+    root = Path(shutil.copytree(served, tmp_path_factory.mktemp("full") / "root", symlinks=True))
+    shutil.copytree(store, root / "stores" / "synth")
+    return root
+
+
+@pytest.fixture(scope="module")
+def full(full_root, tmp_path_factory):
+    """(client, a finished run's id) on a server that browses and trains (its children: the fake trainer)."""
+    from sae_kit.server.app import create_app
+
+    app = create_app(full_root, max_runs=1)
+    app.state.runs.python = fake_python(tmp_path_factory.mktemp("fake-full"), delay=0.1)
+    client = TestClient(app, raise_server_exceptions=False)
+    run = client.post("/api/runs", json={"config": RUN}).json()
+    deadline = time.monotonic() + 30
+    while client.get(f"/api/runs/{run['id']}").json()["status"] != "finished" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # A real SAE in the finished run's folder, so analyze reaches its model and hook checks.
+    from tiny_served import write_tiny_sae
+
+    shutil.rmtree(full_root / "runs" / run["id"] / "sae")
+    write_tiny_sae(full_root / "runs" / run["id"] / "sae", "model")
+    yield client, run["id"]
+    app.state.runs.close()
+
+
+def valid_bodies(run_id: str) -> dict[tuple[str, str], dict]:
+    """One valid JSON body per operation that takes one."""
+    return {
+        ("post", "/api/search"): {"sae": "saes.main", "text": "It was a bright cold day", "top_k": 3},
+        ("post", "/api/encode"): {"sae": "saes.main", "text": "It was a bright cold day", "features": [1, 2]},
+        ("post", "/api/steer"): {"prompt": "Once upon", "features": [{"sae": "saes.main", "index": 3, "strength": 4}],
+                                 "max_new_tokens": 2, "method": "additive"},
+        ("post", "/api/runs"): {"config": {**RUN, "plugins": ["usage_entropy:coefficient=0.01"]}, "name": "probe"},
+        ("post", "/api/runs/{run_id}/analyze"): {"model": "model", "hook": "blocks.1.hook_resid_post", "tokens": 64,
+                                                 "context": 8},
+    }
+
+
+def _resolve(spec: dict, schema: dict) -> dict:
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def string_fields(spec: dict, schema: dict, prefix: tuple = ()) -> set[tuple]:
+    """Paths (keys, with 0 for a list item) of every string field a request schema declares."""
+    schema = _resolve(spec, schema)
+    found = set()
+    for option in schema.get("anyOf", []):
+        found |= string_fields(spec, option, prefix)
+    if schema.get("type") == "string":
+        found.add(prefix)
+    if schema.get("type") == "array" and "items" in schema:
+        found |= string_fields(spec, schema["items"], (*prefix, 0))
+    for name, sub in schema.get("properties", {}).items():
+        found |= string_fields(spec, sub, (*prefix, name))
+    return found
+
+
+def run_config_string_fields(client) -> set[tuple]:
+    """TrainConfig's string fields, from GET /api/runs/schema (RunRequest.config is a free mapping)."""
+    schema = client.get("/api/runs/schema").json()["train_config"]
+    return {("config", *path) for path in string_fields(schema, schema)}
+
+
+def _set(body, path, value):
+    """``body`` with the field at ``path`` set to ``value`` (a list item: the list becomes ``[value]``)."""
+    body = json.loads(json.dumps(body))
+    target = body
+    keys = path[:-1] if path[-1] != 0 else path[:-2]
+    for key in keys:
+        target = target[key]
+    if path[-1] == 0:
+        target[path[-2]] = [value]
+    else:
+        target[path[-1]] = value
+    return body
+
+
+def _operations(client):
+    spec = client.app.openapi()
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            yield spec, path, method, operation
+
+
+from urllib.parse import quote  # noqa: E402
+
+BAD_TEXT = {"NUL": "stores/synth\x00.txt", "lone surrogate": "caf\ud800é"}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_TEXT))
+def test_nul_and_lone_surrogates_in_every_string_field_of_every_endpoint_get_a_4xx(full, bad):
+    client, run_id = full
+    bodies = valid_bodies(run_id)
+    probed = 0
+    for spec, path, method, operation in _operations(client):
+        url = path.replace("{run_id}", run_id).replace("{sae_id}", "saes.main").replace("{index}", "3")
+        schema = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+        cases = []
+        if schema is not None:
+            body = bodies[(method, path)]
+            fields = string_fields(spec, schema) | (run_config_string_fields(client) if path == "/api/runs" else set())
+            for field in fields:
+                plugin = field[:2] == ("config", "plugins")
+                value = f"usage_entropy:coefficient=0.01{BAD_TEXT[bad]}" if plugin else BAD_TEXT[bad]
+                cases.append(("json", field, _set(body, ("config", "plugins", 0) if plugin else field, value)))
+        for parameter in operation.get("parameters", []):
+            if string_fields(spec, parameter["schema"]):
+                cases.append((parameter["in"], parameter["name"], BAD_TEXT[bad]))
+        for kind, field, value in cases:
+            if kind == "json":
+                payload = json.dumps(value)  # \u escapes: a lone surrogate travels as valid JSON text
+                response = client.request(method, url, content=payload, headers={"Content-Type": "application/json"})
+            else:  # a lone surrogate in a URL: its UTF-8-ish bytes, percent-encoded (what a client may send)
+                quoted = quote(value.encode("utf-8", "surrogatepass"), safe="")
+                if kind == "query":
+                    response = client.request(method, f"{url}?{field}={quoted}")
+                else:
+                    response = client.request(method, path.replace("{" + field + "}", quoted).replace(
+                        "{run_id}", run_id).replace("{sae_id}", "saes.main").replace("{index}", "3"))
+            probed += 1
+            # In a URL a lone surrogate cannot survive decoding (it arrives as U+FFFD): no error needed there.
+            lowest = 200 if kind != "json" and bad == "lone surrogate" else 400
+            assert lowest <= response.status_code < 500, (method, path, field, response.status_code, response.text)
+            assert response.status_code < 400 or "detail" in response.json()
+    assert probed >= 25  # every string field of every operation, run settings included
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_every_post_endpoint_refuses_an_oversized_body(full, chunked):
+    client, run_id = full
+    body = b'{"text": "' + b"y" * (70 * 1024) + b'"}'
+    posts = [path for _, path, method, _ in _operations(client) if method == "post"]
+    assert len(posts) >= 7
+    for path in posts:
+        content = iter([body[i:i + 4096] for i in range(0, len(body), 4096)]) if chunked else body
+        response = client.post(path.replace("{run_id}", run_id), content=content, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413, (path, response.status_code, response.text)
+
+
+PATH_ESCAPES = ["/etc", "../../..", "~", "~/x", "~root", "stores/../../..", "stores/link-out", "model/../../.."]
+
+
+def path_settings() -> list[tuple[str, str | None]]:
+    """Every path-like setting of a run: TrainConfig's, and each plugin option declared option(path=...)."""
+    from sae_kit.plugins.api import available_plugins, path_options
+
+    settings = [("activations", None), ("model", None), ("dataset", None)]
+    for name, cls in available_plugins().items():
+        settings += [(name, option) for option in path_options(cls)]
+    return settings
+
+
+def test_every_path_like_plugin_option_is_declared_as_a_path():
+    """A new plugin option that names a store, folder, file, model or dataset must say so (option(path=...)),
+    or the server would not confine it."""
+    import dataclasses
+
+    from sae_kit.plugins.api import available_plugins
+
+    words = ("store", "folder", "file", "model", "dataset", "directory", "path", "text for", "text to")
+    for name, cls in available_plugins().items():
+        for option in dataclasses.fields(cls.Options):
+            doc = option.metadata.get("doc", "").lower()
+            if option.type in (str, "str") and not option.name.endswith("hook") and any(word in doc for word in words):
+                assert "path" in option.metadata, f"plugin {name} option {option.name} looks like a path: {doc!r}"
+    assert len(path_settings()) >= 14
+
+
+def test_path_escapes_in_every_path_like_field_are_refused(full, full_root, outside):
+    client, run_id = full
+    link = full_root / "stores" / "link-out"
+    if not link.exists():
+        link.symlink_to(outside / "store")
+    before = run_count(client)
+    for owner, option in path_settings():
+        for escape in PATH_ESCAPES:
+            if option is None:
+                config = {**RUN, owner: escape}
+                if owner != "activations":
+                    config = {**{k: v for k, v in RUN.items() if k != "activations"}, owner: escape,
+                              "hook": "blocks.1.hook_resid_post", **({"model": "smollm2"} if owner == "dataset" else {})}
+                if owner == "model" and "/" not in escape and not escape.startswith("~"):
+                    continue  # a bare name is a model name (smollm2, gpt2), not a path
+            else:
+                config = {**RUN, "plugins": [{"name": owner, option: escape}]}
+            response = client.post("/api/runs", json={"config": config})
+            assert response.status_code == 422, (owner, option, escape, response.text)
+            assert "outside the server's data folder" in response.json()["detail"], (owner, option, escape, response.text)
+    for escape in PATH_ESCAPES:
+        if "/" not in escape and not escape.startswith("~"):
+            continue
+        response = client.post(f"/api/runs/{run_id}/analyze", json={"model": escape, "hook": "blocks.1.hook_resid_post"})
+        assert response.status_code == 422 and "outside" in response.json()["detail"], (escape, response.text)
+    assert run_count(client) == before
+
+
+def test_analysing_a_run_whose_sae_was_damaged_is_a_409(runs_client):
+    run = runs_client.post("/api/runs", json={"config": RUN}).json()
+    deadline = time.monotonic() + 30
+    while runs_client.get(f"/api/runs/{run['id']}").json()["status"] != "finished" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The fake trainer leaves a cfg.json without weights: as if the weights were deleted after the run.
+    response = runs_client.post(f"/api/runs/{run['id']}/analyze", json={"model": "model", "hook": "blocks.1.hook_resid_post"})
+    assert response.status_code == 409 and "sae_weights.safetensors" in response.json()["detail"], response.text
