@@ -232,7 +232,9 @@ def test_a_training_server_starts_beside_sae_folders_it_cannot_serve_yet(root, c
         assert len(finished) == 3 and len(analysed) == 1  # the one analysed against the tiny model is served
         assert set(skipped) == {sae["id"] for sae in finished} - set(analysed)
         assert all("synthetic activations" in problem for problem in skipped.values())
-        assert [s["id"] for s in TestClient(app).get("/api/saes").json()] == analysed
+        listed = TestClient(app).get("/api/saes").json()
+        assert [s["id"] for s in listed if s["served"]] == analysed
+        assert {s["id"]: s["problem"] for s in listed if not s["served"]} == skipped  # listed with their problem
     finally:
         app.state.runs.close()
     with pytest.raises(FileNotFoundError, match="no SAE folder"):  # a browsing-only server still needs an SAE
