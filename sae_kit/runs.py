@@ -27,11 +27,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-from sae_kit.config import ConfigError, parse_options
+from sae_kit.config import ConfigError
+from sae_kit.config import options_schema as config_options_schema
 from sae_kit.fileio import atomic_write
 from sae_kit.train.trainer import METRICS_FILE, TrainConfig, source_from_config
 
@@ -65,8 +66,6 @@ def confined(root: Path, value: str, what: str) -> Path:
 
 def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
     """A TrainConfig for a run writing to ``out``, from a request's mapping; ConfigError says what is wrong."""
-    from pydantic import TypeAdapter, ValidationError
-
     root = Path(root).resolve()
     if not isinstance(data, dict):
         raise ConfigError(f"the run configuration must be a mapping of TrainConfig settings, got {type(data).__name__}")
@@ -93,15 +92,8 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
         if not path.exists():
             raise ConfigError(f"{what} {value!r} does not exist in the server's data folder")
         settings[key] = str(path)
-    try:
-        cfg = TypeAdapter(TrainConfig).validate_python({**settings, "out": str(out), "progress": False})
-    except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-                    for e in exc.errors()]
-        raise ConfigError("; ".join(problems)) from None
-    from sae_kit.sae import ARCHITECTURES
-
-    parse_options(ARCHITECTURES[cfg.architecture].Options, cfg.options, f"architecture {cfg.architecture!r}")
+    # The same declaration and checks as `sae-kit train`: types, ranges, architecture and plugin options.
+    cfg = TrainConfig.from_dict({**settings, "out": str(out), "progress": False})
     if cfg.model and not cfg.activations:
         if not cfg.hook:
             raise ConfigError("model needs hook (e.g. blocks.6.hook_resid_post)")
@@ -115,20 +107,13 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
 
 def config_schema() -> dict[str, Any]:
     """What a run form needs: TrainConfig's fields (JSON schema + CLI help), architectures and plugins with options."""
-    from pydantic import TypeAdapter
-
-    from sae_kit.cli import TRAIN_FLAGS
+    from sae_kit.config import json_schema
     from sae_kit.plugins.api import available_plugins, options_schema
     from sae_kit.sae import ARCHITECTURES
 
-    schema = TypeAdapter(TrainConfig).json_schema()
-    for name in SERVER_FIELDS:
-        schema["properties"].pop(name, None)
-    for name, spec in TRAIN_FLAGS.items():
-        if name in schema["properties"]:
-            schema["properties"][name]["description"] = spec.get("help", "")
+    schema = json_schema(TrainConfig, skip=SERVER_FIELDS)
     architectures = [{"name": name, "summary": (cls.__doc__ or "").strip().split("\n")[0],
-                      "options": options_schema(cls)} for name, cls in sorted(ARCHITECTURES.items())]
+                      "options": config_options_schema(cls.Options)} for name, cls in sorted(ARCHITECTURES.items())]
     plugins = [{"name": name, "paper": cls.paper, "summary": cls.summary, "options": options_schema(cls),
                 "conflicts": sorted(cls.conflicts)} for name, cls in available_plugins().items()]
     return {"train_config": schema, "architectures": architectures, "plugins": plugins}
@@ -256,7 +241,7 @@ class RunService:
         run_dir = self.runs_dir / run_id
         cfg = validate_run_config(config, self.root, run_dir)
         run_dir.mkdir()
-        text = json.dumps(asdict(cfg), indent=2)
+        text = json.dumps(cfg.to_dict(), indent=2)
         atomic_write(run_dir / "config.json", lambda path: path.write_text(text))
         self.store.insert({"id": run_id, "name": (name or f"{cfg.architecture} {run_id}")[:200], "status": "queued",
                            "config": json.dumps(config), "total_steps": cfg.total_steps, "created": time.time()})

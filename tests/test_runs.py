@@ -219,7 +219,7 @@ def test_schema_is_derived_from_train_config_architectures_and_plugins(client):
     assert set(plugins) == set(available_plugins())
     entropy = plugins["usage_entropy"]
     assert entropy["paper"].startswith("GigaTok") and entropy["summary"]
-    assert {"name": "coefficient", "default": 1e-3, "type": "float"}.items() <= entropy["options"][0].items()
+    assert {"name": "coefficient", "default": 1e-3, "type": "number"}.items() <= entropy["options"][0].items()
 
 
 def test_a_training_server_starts_beside_sae_folders_it_cannot_serve_yet(root, client):

@@ -40,7 +40,7 @@ class AbsTopKSAE(SAE):
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
         magnitude = pre.abs()
         if self.opts.selection == "token":
-            indices = magnitude.topk(min(self.cfg.k, self.cfg.d_sae), dim=1).indices
+            indices = magnitude.topk(self.k, dim=1).indices
             return SparseCodes(indices, pre.gather(1, indices), self.cfg.d_sae)
         return self.batch_level_select(magnitude, pre)
 

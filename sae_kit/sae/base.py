@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
@@ -114,6 +115,7 @@ class SAE(nn.Module):
         # Dead-latent tracking is counted in tokens, not steps, so it does not depend on batch size.
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self._pre_buffer: torch.Tensor | None = None
+        self._step_k: int | None = None
 
     # ----------------------------------------------------------------- weights
     def init_encoder(self) -> None:
@@ -269,6 +271,22 @@ class SAE(nn.Module):
         return self.tokens_since_fired >= self.cfg.dead_tokens_threshold
 
     @property
+    def k(self) -> int:
+        """The k the selection uses: cfg.k, or the training step's k inside ``using_k``."""
+        return self.cfg.k if self._step_k is None else self._step_k
+
+    @contextmanager
+    def using_k(self, k: int) -> Iterator[None]:
+        """Select with ``k`` for one training step (plugins' schedules) without touching cfg.k."""
+        if not 1 <= k <= self.cfg.d_sae:
+            raise ConfigError(f"the step's k must be in [1, d_sae={self.cfg.d_sae}], got {k}")
+        before, self._step_k = self._step_k, k
+        try:
+            yield
+        finally:
+            self._step_k = before
+
+    @property
     def k_aux(self) -> int:
         return self.cfg.k_aux or max(self.cfg.d_in // 2, 1)
 
@@ -291,7 +309,7 @@ class SAE(nn.Module):
         smallest selected score feeds the threshold EMA), ``score > threshold`` at inference."""
         if not self.training:
             return SparseCodes.from_mask(values, score > self.threshold)
-        total = self.cfg.k * data_parallel.global_rows(score.shape[0])
+        total = self.k * data_parallel.global_rows(score.shape[0])
         if data_parallel.active():  # the global batch's top k·B: the entries at or above its k·B-th largest
             cutoff = data_parallel.global_kth_largest(score.detach(), total)
             rows, cols = ((score.detach() >= cutoff) & (score.detach() > 0)).nonzero(as_tuple=True)

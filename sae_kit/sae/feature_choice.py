@@ -39,7 +39,7 @@ class FeatureChoiceSAE(ZipfAuxMixin, SAE):
         self.register_threshold()
 
     def capacities(self, batch_size: int) -> torch.Tensor:
-        budget = self.cfg.k * batch_size
+        budget = self.k * batch_size
         if self.opts.capacity == "uniform":
             return torch.full((self.cfg.d_sae,), max(1, round(budget / self.cfg.d_sae)), dtype=torch.int64)
         profile = zipf_profile(self.cfg.d_sae, self.opts.zipf_alpha, self.opts.zipf_beta)

@@ -16,7 +16,7 @@ class TopKSAE(SAE):
     architecture = "topk"
 
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
-        values, indices = pre.topk(min(self.cfg.k, self.cfg.d_sae), dim=1)
+        values, indices = pre.topk(self.k, dim=1)
         return SparseCodes(indices, values.relu(), self.cfg.d_sae)
 
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
