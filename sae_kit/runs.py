@@ -34,6 +34,7 @@ from typing import Any, Callable
 from sae_kit.config import ConfigError
 from sae_kit.config import options_schema as config_options_schema
 from sae_kit.fileio import atomic_write
+from sae_kit.sae_folders import is_model_path, sae_id, synthetic_dataset
 from sae_kit.train.trainer import METRICS_FILE, TrainConfig, source_from_config
 
 RUNS_DIR = "runs"
@@ -84,7 +85,7 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
         if not isinstance(value, str) or not value:
             continue
         # Named models (smollm2, gpt2) and the bundled corpus are not paths.
-        if key == "model" and "/" not in value and not (root / value).exists():
+        if key == "model" and not is_model_path(value, root):
             continue
         if key == "dataset" and value == "default":
             continue
@@ -284,10 +285,10 @@ class RunService:
         metadata = load_sae(sae_dir).cfg.metadata
         model = model or metadata.get("model_name")
         hook = hook or metadata.get("hook_name")
-        if not model or str(model).startswith("synthetic:") or not hook:
+        if not model or synthetic_dataset(metadata) or not hook:
             raise ConfigError(f"the SAE of run {run_id} was trained on {model or 'activations without a model'}: "
                               "name a model (and hook) whose activations have the SAE's width to analyse it against")
-        if "/" in model or (self.root / model).exists():
+        if is_model_path(model, self.root):
             model = str(confined(self.root, model, "model folder"))
         command = [self.python, "-m", "sae_kit.cli", "analyze", str(sae_dir), "--model", model, "--hook", hook,
                    "--tokens", str(int(tokens)), "--context", str(int(context)), "--no-progress", "--threads", "1"]
@@ -330,7 +331,7 @@ class RunService:
         if (sae_dir / "cfg.json").is_file():
             eval_path = sae_dir / "eval.json"
             sae = {"path": sae_dir.relative_to(self.root).as_posix(),
-                   "id": sae_dir.relative_to(self.root).as_posix().replace("/", "."),
+                   "id": sae_id(self.root, sae_dir),
                    "eval": json.loads(eval_path.read_text()) if eval_path.is_file() else None,
                    "analysed": (sae_dir / "features.sqlite").is_file()}
         return {"id": row["id"], "name": row["name"], "status": row["status"], "error": row["error"],

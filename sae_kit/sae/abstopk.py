@@ -18,7 +18,7 @@ import torch
 
 from sae_kit.codes import SparseCodes
 from sae_kit.config import SAEConfig
-from sae_kit.sae.base import SAE, TrainingOutput, register
+from sae_kit.sae.base import SAE, NotExportable, TrainingOutput, register
 
 
 @dataclass
@@ -32,6 +32,12 @@ class AbsTopKSAE(SAE):
     architecture = "abstopk"
     Options = AbsTopKOptions
     signed_codes = True
+
+    def saelens_export(self, tensors):
+        if self.opts.selection != "token":
+            raise NotExportable("SAELens cannot express batch-level AbsTopK (a global threshold on |u| keeping signs); "
+                                "only --opt selection=token exports")
+        return "abstopk", {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

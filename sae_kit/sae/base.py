@@ -36,6 +36,10 @@ from sae_kit.config import ConfigError, SAEConfig, parse_options
 from sae_kit.fileio import atomic_write
 from sae_kit.kernels import batch_top_entries, dense_pre_activations, gather_pre_activations, sparse_decode
 
+class NotExportable(ConfigError):
+    """Another library has no rule that computes this SAE's inference exactly."""
+
+
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 LAYER_NORM_EPS = 1e-5
@@ -89,6 +93,8 @@ class SAE(nn.Module):
     feature_major_pre_activations: ClassVar[bool] = False
     # Whether selected values keep their sign (AbsTopK) instead of being ReLU'd.
     signed_codes: ClassVar[bool] = False
+    # Whether sparsify's SparseCoder (a per-token TopK of relu(u), no normalisation) is this SAE's rule.
+    sparsify_exportable: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -128,6 +134,11 @@ class SAE(nn.Module):
         """Unit-norm feature directions [d_sae, d_in] (in normalised input space)."""
         W = self.W_dec.detach().float()
         return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @classmethod
+    def short_run_options(cls) -> dict[str, Any]:
+        """Options for runs of ~10^3 steps (benchmarks, ablations) where the defaults assume far more."""
+        return {}
 
     @classmethod
     def default_lr(cls, d_sae: int) -> float:
@@ -343,6 +354,19 @@ class SAE(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # ------------------------------------------------------------------ interop
+    def saelens_export(self, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+        """This SAE as SAELens computes it: (SAELens architecture, extra cfg keys); ``tensors``
+        (W_enc, b_enc, W_dec, b_dec) may be rewritten in place. Raise NotExportable when SAELens has
+        no architecture with the same inference rule."""
+        raise NotExportable(f"SAELens has no architecture that computes a {self.architecture!r} SAE's inference rule")
+
+    def saelens_threshold_export(self, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+        """Batch-level rules at inference: SAELens computes relu(u)·1[u > θ], ours keeps relu(u) where
+        relu(u) > θ, the same for every θ."""
+        tensors["threshold"] = self.threshold.detach().clone()
+        return "jumprelu", {}
 
     # -------------------------------------------------------------- save/load
     def config_dict(self) -> dict[str, Any]:

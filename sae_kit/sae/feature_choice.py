@@ -31,6 +31,7 @@ class FeatureChoiceOptions(ZipfOptions):
 @register
 class FeatureChoiceSAE(ZipfAuxMixin, SAE):
     architecture = "feature_choice"
+    saelens_export = SAE.saelens_threshold_export
     Options = FeatureChoiceOptions
     feature_major_pre_activations = True
 

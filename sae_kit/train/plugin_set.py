@@ -17,11 +17,10 @@ from torch.nn.utils import parametrize
 
 from sae_kit.config import ConfigError, parse_key_values
 from sae_kit.fileio import atomic_write
-from sae_kit.plugins.api import Batch, Plugin, StepContext, get_plugin
+from sae_kit.plugins.api import Batch, Plugin, StepContext, TrainingRun, get_plugin
 
 if TYPE_CHECKING:
     from sae_kit.sae.base import SAE, TrainingOutput
-    from sae_kit.train.trainer import Trainer
 
 STATE_DIR = "plugins"
 
@@ -103,7 +102,7 @@ class PluginSet:
     def oversample(self) -> int:
         return max([p.oversample for p in self.plugins] + [1])
 
-    def setup(self, trainer: "Trainer") -> None:
+    def setup(self, trainer: TrainingRun) -> None:
         owners: dict[tuple[int, str], str] = {}
         if any(p.needs_dense_pre_activations for p in self.plugins):
             trainer.sae.sparse_training = False
@@ -132,15 +131,15 @@ class PluginSet:
                 groups.append({"params": params, "lr_scale": plugin.lr_scale, "plugin": plugin.name})
         return groups
 
-    def active(self, trainer: "Trainer") -> list[Plugin]:
+    def active(self, trainer: TrainingRun) -> list[Plugin]:
         return [p for p in self.plugins if p.active(trainer.step, trainer.cfg.total_steps)]
 
-    def hyperparameters(self, hp: dict[str, Any], trainer: "Trainer") -> dict[str, Any]:
+    def hyperparameters(self, hp: dict[str, Any], trainer: TrainingRun) -> dict[str, Any]:
         for plugin in self.active(trainer):
             plugin.hyperparameters(hp, trainer)
         return hp
 
-    def transform_batch(self, batch: Batch, trainer: "Trainer") -> Batch:
+    def transform_batch(self, batch: Batch, trainer: TrainingRun) -> Batch:
         for plugin in self.active(trainer):
             batch = plugin.transform_batch(batch, trainer)
             if not isinstance(batch, Batch):
@@ -175,13 +174,13 @@ class PluginSet:
         for plugin in self.active(ctx.trainer):
             plugin.after_step(ctx)
 
-    def posthoc(self, sae: "SAE", trainer: "Trainer") -> "SAE":
+    def posthoc(self, sae: "SAE", trainer: TrainingRun) -> "SAE":
         for plugin in self.plugins:
             sae = plugin.posthoc(sae, trainer)
         bake_parametrizations(sae)
         return sae
 
-    def evaluate(self, sae: "SAE", trainer: "Trainer") -> dict[str, Any]:
+    def evaluate(self, sae: "SAE", trainer: TrainingRun) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
         for plugin in self.plugins:
             metrics.update({f"{plugin.name}/{key}": value for key, value in plugin.evaluate(sae, trainer).items()})

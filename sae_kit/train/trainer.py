@@ -24,6 +24,7 @@ from sae_kit import data_parallel
 from sae_kit.config import ConfigError, TrainConfig
 from sae_kit.plugins.api import Batch, StepContext
 from sae_kit.sae import SAE, create_sae
+from sae_kit.sae_folders import SYNTHETIC_KEY, synthetic_dataset
 from sae_kit.train import distributed
 from sae_kit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from sae_kit.train.plugin_set import PluginSet, free_parameters
@@ -56,6 +57,10 @@ def source_metadata(source: Any) -> dict[str, Any]:
         value = getattr(source, key, None)
         if value is not None:
             meta[key] = value
+    # Planted features (a SyntheticSource, or a store written from one) say so in the metadata.
+    planted = getattr(source, SYNTHETIC_KEY, None) or synthetic_dataset(getattr(source, "metadata", None) or {})
+    if planted:
+        meta[SYNTHETIC_KEY] = planted
     return meta
 
 
