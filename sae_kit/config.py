@@ -49,6 +49,14 @@ def _choices(f: dataclasses.Field) -> tuple | None:
     return tuple(choices()) if callable(choices) else choices
 
 
+def check_choices(obj: Any) -> None:
+    """Every field declared with ``choices`` holds one of them (or None where None is its default)."""
+    for f in fields(obj):
+        choices, value = _choices(f), getattr(obj, f.name)
+        if choices and value not in choices and not (value is None and _default(f) is None):
+            raise ConfigError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+
+
 def check_positive(obj: Any, names: tuple[str, ...], minimum: int = 1) -> None:
     """The one rule for counts: an int (not a bool) >= minimum, named in the error."""
     for name in names:
@@ -175,6 +183,7 @@ class TrainConfig(SAESettings):
         if self.d_sae is not None:
             check_positive(self, ("d_sae",))
         self.check_sae_settings(self.d_sae)
+        check_choices(self)
         # A negative clip norm would flip every gradient (clip_grad_norm_ scales by max_norm / norm).
         if self.grad_clip is not None and not self.grad_clip >= 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 or None disables it), got {self.grad_clip!r}")
@@ -420,7 +429,7 @@ def json_schema(cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
             prop["description"] = f.metadata["help"]
         choices = _choices(f)
         if choices:
-            prop["enum"] = list(choices) + ([None] if _default(f) is None else [])
+            prop["enum"] = list(choices) + ([None] if _default(f) is None else [])  # null: "the default"
     if "required" in schema:
         schema["required"] = [name for name in schema["required"] if name not in skip]
     return schema

@@ -126,3 +126,45 @@ def test_the_architecture_name_check_catches(line):
     assert (re.search(rf"(?:architecture|arch)\s*(?:==|!=)\s*{quoted}", line)
             or re.search(rf"\w+\[\s*{quoted}\s*\]", line)
             or re.search(rf"(?:architecture|arch)\s+(?:not\s+)?in\s+[\(\[\{{][^\)\]\}}]*{quoted}", line))
+
+
+# ------------------------------------------------------------------ one declaration per setting
+def _extended_train_config():
+    """TrainConfig plus one field, declared the way a developer adds one (a single `setting(...)` line)."""
+    from dataclasses import dataclass
+
+    from sae_kit.config import TrainConfig, setting
+
+    @dataclass(kw_only=True)
+    class Extended(TrainConfig):
+        warmup_shape: str = setting("linear", "shape of the learning-rate warm-up", choices=("linear", "cosine"))
+
+    return Extended
+
+
+def test_one_new_field_reaches_the_cli_the_config_file_and_the_server_schema(monkeypatch, tmp_path):
+    import argparse
+
+    from sae_kit import runs
+    from sae_kit.config import ConfigError, add_arguments, args_to_settings
+
+    Extended = _extended_train_config()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Extended)
+    assert "--warmup-shape {linear,cosine}" in parser.format_help() and "shape of the learning-rate" in parser.format_help()
+    settings = args_to_settings(Extended, parser.parse_args(["--warmup-shape", "cosine", "--k", "8"]))
+    assert settings == {"warmup_shape": "cosine", "k": 8}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--warmup-shape", "sideways"])
+
+    # The config file (YAML/JSON) and config.json: the same field, validated by the same declaration.
+    cfg = Extended.from_dict(settings)
+    assert cfg.warmup_shape == "cosine" and cfg.to_dict()["warmup_shape"] == "cosine"
+    with pytest.raises(ConfigError, match=r"warmup_shape must be one of \['linear', 'cosine'\]"):
+        Extended.from_dict({"warmup_shape": "sideways"})
+
+    # GET /api/runs/schema, from which the run form is built.
+    monkeypatch.setattr(runs, "TrainConfig", Extended)
+    prop = runs.config_schema()["train_config"]["properties"]["warmup_shape"]
+    assert prop["type"] == "string" and prop["default"] == "linear" and prop["enum"] == ["linear", "cosine"]
+    assert prop["description"] == "shape of the learning-rate warm-up"
