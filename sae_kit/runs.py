@@ -27,12 +27,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-from sae_kit.config import ConfigError, check_text, check_types, parse_options
+from sae_kit.config import ConfigError, check_text, check_types
+from sae_kit.config import options_schema as config_options_schema
 from sae_kit.fileio import atomic_write
+from sae_kit.sae_folders import is_model_path, sae_id, synthetic_dataset
 from sae_kit.train.trainer import METRICS_FILE, TrainConfig, source_from_config
 
 RUNS_DIR = "runs"
@@ -70,16 +72,11 @@ def confined(root: Path, value: str, what: str) -> Path:
     return path
 
 
-def _is_model_name(root: Path, value: str) -> bool:
-    # Named models (smollm2, gpt2) are not paths: a bare name that is not a file in the data folder.
-    return "/" not in value and "\\" not in value and not value.startswith(("~", ".")) and not (root / value).exists()
-
-
 def confine_setting(root: Path, kind: str, value: str, what: str, keyword: Any = None) -> str:
     """A path-like setting (``kind`` as in ``plugins.api.PATH_KINDS``) checked and resolved inside ``root``;
     keywords ("auto", "default", "" for "the run's") and model names pass unchanged."""
     check_text(value, what)
-    if value == keyword or (kind == "model" and _is_model_name(root, value)):
+    if value == keyword or (kind == "model" and not is_model_path(value, root)):
         return value
     parts = value.split("+") if kind == "stores" else [value]
     resolved = []
@@ -95,7 +92,8 @@ def confine_setting(root: Path, kind: str, value: str, what: str, keyword: Any =
 
 def confine_plugin_paths(specs: Any, root: Path) -> list[dict[str, Any]]:
     """Every plugin option declared as a path (``option(path=...)``) confined to ``root``, in place of its value."""
-    from sae_kit.plugins.api import get_plugin, normalize_specs, path_options
+    from sae_kit.plugins.api import get_plugin, path_options
+    from sae_kit.train.plugin_set import normalize_specs
 
     specs = normalize_specs(specs)
     for spec in specs:
@@ -112,8 +110,6 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
 
     Every path the run can reach (activations, model, dataset, plugin options declared as paths) is
     confined to the data folder here, before the run is queued."""
-    from sae_kit.sae import ARCHITECTURES
-
     root = Path(root).resolve()
     if not isinstance(data, dict):
         raise ConfigError(f"the run configuration must be a mapping of TrainConfig settings, got {type(data).__name__}")
@@ -134,7 +130,6 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
             settings[key] = confine_setting(root, kind, value, key, keyword)
     settings["plugins"] = confine_plugin_paths(settings.get("plugins"), root)
     cfg = TrainConfig.from_dict({**settings, "out": str(out), "progress": False})
-    parse_options(ARCHITECTURES[cfg.architecture].Options, cfg.options, f"architecture {cfg.architecture!r}")
     if cfg.model and not cfg.activations:
         if not cfg.hook:
             raise ConfigError("model needs hook (e.g. blocks.6.hook_resid_post)")
@@ -143,26 +138,21 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
             source = source_from_config(cfg)  # opens the store: a missing or corrupt one is reported now
         except (OSError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
+        from sae_kit.sae import ARCHITECTURES
+
         ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}))
     return cfg
 
 
 def config_schema() -> dict[str, Any]:
     """What a run form needs: TrainConfig's fields (JSON schema + CLI help), architectures and plugins with options."""
-    from pydantic import TypeAdapter
-
-    from sae_kit.cli import TRAIN_FLAGS
+    from sae_kit.config import json_schema
     from sae_kit.plugins.api import available_plugins, options_schema
     from sae_kit.sae import ARCHITECTURES
 
-    schema = TypeAdapter(TrainConfig).json_schema()
-    for name in SERVER_FIELDS:
-        schema["properties"].pop(name, None)
-    for name, spec in TRAIN_FLAGS.items():
-        if name in schema["properties"]:
-            schema["properties"][name]["description"] = spec.get("help", "")
+    schema = json_schema(TrainConfig, skip=SERVER_FIELDS)
     architectures = [{"name": name, "summary": (cls.__doc__ or "").strip().split("\n")[0],
-                      "options": options_schema(cls)} for name, cls in sorted(ARCHITECTURES.items())]
+                      "options": config_options_schema(cls.Options)} for name, cls in sorted(ARCHITECTURES.items())]
     plugins = [{"name": name, "paper": cls.paper, "summary": cls.summary, "options": options_schema(cls),
                 "conflicts": sorted(cls.conflicts)} for name, cls in available_plugins().items()]
     return {"train_config": schema, "architectures": architectures, "plugins": plugins}
@@ -290,7 +280,7 @@ class RunService:
         run_dir = self.runs_dir / run_id
         cfg = validate_run_config(config, self.root, run_dir)
         run_dir.mkdir()
-        text = json.dumps(asdict(cfg), indent=2)
+        text = json.dumps(cfg.to_dict(), indent=2)
         atomic_write(run_dir / "config.json", lambda path: path.write_text(text))
         self.store.insert({"id": run_id, "name": (name or f"{cfg.architecture} {run_id}")[:200], "status": "queued",
                            "config": json.dumps(config), "total_steps": cfg.total_steps, "created": time.time()})
@@ -339,7 +329,7 @@ class RunService:
             raise RunStateError(f"the SAE of run {run_id} cannot be loaded ({exc}); train the run again") from None
         model = model or metadata.get("model_name")
         hook = hook or metadata.get("hook_name")
-        if not model or str(model).startswith("synthetic:") or not hook:
+        if not model or synthetic_dataset(metadata) or not hook:
             raise ConfigError(f"the SAE of run {run_id} was trained on {model or 'activations without a model'}: "
                               "name a model (and hook) whose activations have the SAE's width to analyse it against")
         model = confine_setting(self.root, "model", model, "model")
@@ -385,7 +375,7 @@ class RunService:
         if (sae_dir / "cfg.json").is_file():
             eval_path = sae_dir / "eval.json"
             sae = {"path": sae_dir.relative_to(self.root).as_posix(),
-                   "id": sae_dir.relative_to(self.root).as_posix().replace("/", "."),
+                   "id": sae_id(self.root, sae_dir),
                    "eval": json.loads(eval_path.read_text()) if eval_path.is_file() else None,
                    "analysed": (sae_dir / "features.sqlite").is_file()}
         return {"id": row["id"], "name": row["name"], "status": row["status"], "error": row["error"],

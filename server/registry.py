@@ -9,8 +9,6 @@ time is also the fastest order).
 """
 from __future__ import annotations
 
-import json
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +17,7 @@ from typing import Any
 from sae_kit.config import ConfigError
 from sae_kit.feature_store import STORE_FILE, FeatureStore, FeatureStoreError
 from sae_kit.sae.base import CONFIG_FILE, WEIGHTS_FILE
-
-MAX_DEPTH = 4
+from sae_kit.sae_folders import find_sae_folders, sae_id, synthetic_dataset
 
 
 @dataclass(frozen=True)
@@ -94,8 +91,7 @@ class Registry:
             raise ConfigError(f"none of the SAE folders under {self.root} can be served ({problems})")
 
     def sae_id(self, folder: Path) -> str:
-        folder = folder.resolve()
-        return folder.name if folder == self.root else folder.relative_to(self.root).as_posix().replace("/", ".")
+        return sae_id(self.root, folder)
 
     def add_folder(self, folder: Path) -> ServedSAE:
         """Serve (or serve again, e.g. after its analysis) the SAE in ``folder``, loading its model once;
@@ -123,11 +119,13 @@ class Registry:
         # An SAE analysed against a model other than its training source's (e.g. one trained on
         # synthetic activations) is served with the model and hook of its feature store.
         name, hook = sae.cfg.metadata.get("model_name"), sae.cfg.metadata.get("hook_name")
-        if (not name or str(name).startswith("synthetic:")) and store is not None:
+        planted = synthetic_dataset(sae.cfg.metadata)
+        if (not name or planted) and store is not None:
             name, hook = store.meta.get("model"), store.meta.get("hook")
+            planted = synthetic_dataset({"model_name": name})
         name = self.model_name or name
-        if not self.model_name and str(name).startswith("synthetic:"):
-            raise ConfigError(f"{self.sae_id(folder)} was trained on synthetic activations ({name}); analyse it against a model "
+        if not self.model_name and planted:
+            raise ConfigError(f"{self.sae_id(folder)} was trained on synthetic activations ({planted}); analyse it against a model "
                               "of the same width (POST /api/runs/{id}/analyze or sae-kit analyze --model --hook) to browse it")
         if not hook or not name:
             raise ConfigError(f"{folder / CONFIG_FILE} names no hook_name/model_name in its metadata; "
@@ -180,27 +178,3 @@ def _model_id(name: str, taken: dict[str, ServedModel]) -> str:
         n += 1
         candidate = f"{base}-{n}"
     return candidate
-
-
-def find_sae_folders(root: Path) -> list[Path]:
-    """SAE folders under ``root`` (itself included), at most ``MAX_DEPTH`` deep, not following links out."""
-    found = []
-    for directory, subdirectories, files in os.walk(root):
-        here = Path(directory)
-        depth = len(here.relative_to(root).parts)
-        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".") and depth < MAX_DEPTH
-                                   and (here / d).resolve().is_relative_to(root))
-        # A training checkpoint (beside optimizer.safetensors) is a snapshot of a run, not an SAE to serve.
-        in_checkpoint = (here.parent / "optimizer.safetensors").is_file()
-        if CONFIG_FILE in files and WEIGHTS_FILE in files and not in_checkpoint and _is_sae_config(here / CONFIG_FILE):
-            found.append(here)
-    return found
-
-
-def _is_sae_config(path: Path) -> bool:
-    # A checkpoint folder or a Hugging Face model folder may hold a cfg.json too.
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"d_in", "d_sae", "architecture"} <= set(data)
