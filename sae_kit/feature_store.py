@@ -289,10 +289,20 @@ class FeatureStore:
                               "verdicts": json.loads(row["verdicts"]) if row["verdicts"] else [],
                               "created": row["created"]} for row in rows}
 
-    def densities(self) -> list[float]:
-        """Every feature's density (for the distribution the feature page plots)."""
+    def density_histogram(self, bins: int = 40) -> dict[str, Any]:
+        """The distribution of all features' densities: counts over equal bins of log10(density), and
+        the number of features that never fired (log10 0 is not a number)."""
         with self._connect() as connection:
-            return [row[0] for row in connection.execute("SELECT density FROM features ORDER BY id")]
+            values = np.array([row[0] for row in connection.execute("SELECT density FROM features")], dtype=np.float64)
+        alive = values[values > 0]
+        if alive.size == 0:
+            return {"edges": [], "counts": [], "dead": int(values.size)}
+        logs = np.log10(alive)
+        low, high = float(logs.min()), float(logs.max())
+        if high - low < 1e-9:
+            low, high = low - 0.5, high + 0.5
+        counts, edges = np.histogram(logs, bins=bins, range=(low, high))
+        return {"edges": edges.tolist(), "counts": counts.tolist(), "dead": int(values.size - alive.size)}
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)

@@ -43,12 +43,12 @@ def feature_page(
     sae_id: str = SAE_ID,
     offset: int = Query(0, ge=0, le=10_000_000),
     limit: int = Query(50, ge=1, le=500),
-    sort: Literal["id", "density", "max_act", "mean_act", "fire_count"] = "id",
+    sort: Literal["id", "density", "max_act", "mean_act", "fire_count", "score"] = "id",
     order: Literal["asc", "desc"] = "asc",
     min_density: Optional[float] = Query(None, ge=0, le=1),
     max_density: Optional[float] = Query(None, ge=0, le=1),
     min_max_act: Optional[float] = Query(None, ge=-1e9, le=1e9),
-    q: Optional[str] = Query(None, max_length=200, description="text in the explanation, top tokens or promoted tokens"),
+    q: Optional[str] = Query(None, max_length=200, description="words in the explanation or top tokens (full-text), or text in the promoted tokens"),
     reg: Registry = Depends(registry),
 ):
     served = analysed_sae(reg, sae_id)
