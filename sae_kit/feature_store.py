@@ -289,6 +289,17 @@ class FeatureStore:
                               "verdicts": json.loads(row["verdicts"]) if row["verdicts"] else [],
                               "created": row["created"]} for row in rows}
 
+    def explanation_briefs(self, indices: list[int]) -> list[dict[str, Any]]:
+        """[{index, explanation, score}] for the given features, in that order."""
+        if not indices:
+            return []
+        score_column = "explanation_score" if self._has_score_column() else "NULL"
+        with self._connect() as connection:
+            rows = {row[0]: row for row in connection.execute(
+                f"SELECT id, explanation, {score_column} FROM features WHERE id IN ({','.join('?' * len(indices))})",
+                indices)}
+        return [{"index": i, "explanation": rows[i][1], "score": rows[i][2]} for i in indices if i in rows]
+
     def density_histogram(self, bins: int = 40) -> dict[str, Any]:
         """The distribution of all features' densities: counts over equal bins of log10(density), and
         the number of features that never fired (log10 0 is not a number)."""

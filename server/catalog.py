@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 
 from .deps import analysed_sae, registry, served_sae
 from .registry import Registry
-from .schemas import ID_PATTERN, error_responses, Feature, FeaturePage, HookInfo, ModelInfo, SAEInfo
+from .schemas import ID_PATTERN, error_responses, Feature, FeaturePage, HookInfo, ModelInfo, SAEInfo, ServerInfo
 
 router = APIRouter(prefix="/api", tags=["catalog"], responses=error_responses(404, 422))
 SAE_ID = Path(pattern=ID_PATTERN, description="SAE id, as listed by GET /api/saes")
@@ -16,6 +16,14 @@ SAE_ID = Path(pattern=ID_PATTERN, description="SAE id, as listed by GET /api/sae
 @router.get("/health")
 def health() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/server", response_model=ServerInfo)
+def server(request: Request):
+    """What this server does: the UI asks before showing the training pages."""
+    service = request.app.state.runs
+    return {"trains": service is not None, "max_runs": len(service._workers) if service is not None else 0,
+            "needs_token": request.app.state.api_token is not None}
 
 
 @router.get("/models", response_model=list[ModelInfo])

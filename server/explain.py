@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from sae_kit.feature_store import FeatureStoreError
 from .deps import analysed_sae, registry, steering_token
 from .registry import Registry
-from .schemas import ID_PATTERN, DensityDistribution, ExplainRequest, ExplanationSearch, Feature, error_responses
+from .schemas import ID_PATTERN, DensityDistribution, ExplanationBrief, ExplainRequest, ExplanationSearch, Feature, error_responses
 
 router = APIRouter(prefix="/api", tags=["explanations"], responses=error_responses(404, 422))
 SAE_ID = Path(pattern=ID_PATTERN, description="SAE id, as listed by GET /api/saes")
@@ -26,6 +26,16 @@ def search(sae_id: str = SAE_ID, q: str = Query(..., min_length=1, max_length=20
     except FeatureStoreError as exc:
         raise HTTPException(404, str(exc)) from None
     return {"sae": sae_id, "q": q, "total": total, "offset": offset, "limit": limit, "results": results}
+
+
+@router.get("/saes/{sae_id}/explanations", response_model=list[ExplanationBrief])
+def briefs(sae_id: str = SAE_ID, ids: str = Query(..., max_length=2000, pattern=r"^\d+(,\d+)*$",
+                                                   description="comma-separated feature ids"),
+           reg: Registry = Depends(registry)):
+    """The explanation and score of each listed feature (for pages that show feature ids)."""
+    served = analysed_sae(reg, sae_id)
+    wanted = [int(i) for i in ids.split(",")][:500]
+    return served.store.explanation_briefs([i for i in wanted if 0 <= i < served.store.d_sae])
 
 
 @router.get("/saes/{sae_id}/densities", response_model=DensityDistribution)

@@ -38,6 +38,12 @@ class AnalysisInfo(BaseModel):
     created: Optional[str] = None
 
 
+class ServerInfo(BaseModel):
+    trains: bool = Field(description="false: a browse-only server (no /api/runs); start one with --max-runs >= 1")
+    max_runs: int
+    needs_token: bool = Field(description="steering, explaining and training need the API token")
+
+
 class SAEInfo(BaseModel):
     id: str
     model: str
@@ -158,6 +164,12 @@ class ExplanationSearch(BaseModel):
 class ExplainRequest(Strict):
     explainer: Literal["token-rule", "lm"] = Field(
         default="token-rule", description="token-rule (instant, no model) or lm (the server's local explainer model)")
+
+
+class ExplanationBrief(BaseModel):
+    index: int
+    explanation: Optional[str] = None
+    score: Optional[float] = None
 
 
 class DensityDistribution(BaseModel):
