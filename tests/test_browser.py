@@ -203,6 +203,7 @@ def test_steering_playground_shows_default_and_steered_text(page, server, shots)
 
 
 def test_explanations_in_list_search_feature_page_and_steering(page, server, shots):
+    page.console_errors.clear()  # the steering test ends on a refused request, on purpose
     by_score = _get(f"{server}/api/saes/saes.main/features?sort=score&order=desc&limit=50")["features"]
     assert by_score[0]["score"] is not None and by_score[0]["explanation"]
     page.goto(f"{server}/ui/index.html?sae=saes.main&sort=score&order=desc")
