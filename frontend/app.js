@@ -91,3 +91,25 @@ function fmt(value, digits = 3) {
 function percent(value) {
   return value < 1e-4 && value > 0 ? `${(100 * value).toExponential(1)}%` : `${(100 * value).toFixed(3)}%`;
 }
+
+// Explanations next to feature ids: one request for many ids; a Map index -> {explanation, score}.
+async function explanationsFor(saeId, ids) {
+  const unique = [...new Set(ids)].filter(i => Number.isInteger(i) && i >= 0);
+  if (!unique.length) return new Map();
+  try {
+    const rows = await api(`/api/saes/${encodeURIComponent(saeId)}/explanations?ids=${unique.slice(0, 500).join(",")}`);
+    return new Map(rows.map(r => [r.index, r]));
+  } catch (error) { return new Map(); }  // an unanalysed SAE: ids stay bare
+}
+
+// Mean detection/fuzzing balanced accuracy: 0.5 is chance.
+function scoreBadge(score) {
+  if (score === null || score === undefined) return el("span", {class: "score none", text: "unscored", title: "not scored"});
+  const level = score >= 0.75 ? "good" : score >= 0.6 ? "fair" : "poor";
+  return el("span", {class: `score ${level}`, text: score.toFixed(2), title: "mean balanced accuracy of detection and fuzzing (chance 0.50)"});
+}
+
+function explanationNote(entry) {
+  if (!entry || !entry.explanation) return el("span", {class: "expl muted", text: "no explanation yet"});
+  return el("span", {class: "expl"}, el("span", {text: entry.explanation + " "}), scoreBadge(entry.score));
+}

@@ -340,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the table's rows as JSON")
     p.add_argument("--no-progress", action="store_true")
 
+    from sae_kit.explain.cli import add_parser as add_explain_parser
+
+    add_explain_parser(sub)
+
     from sae_kit.interop.commands import add_parsers as add_interop_parsers
 
     add_interop_parsers(sub)
@@ -352,6 +356,7 @@ COMMANDS = {
     ("harvest",): cmd_harvest,
     ("demo",): cmd_demo,
     ("analyze",): cmd_analyze,
+    ("explain",): lambda args: __import__("sae_kit.explain.cli", fromlist=["command"]).command(args),
     ("serve",): cmd_serve,
     ("store", "synth"): cmd_store_synth,
     ("store", "join"): cmd_store_join,

@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from sae_kit.feature_store import FeatureStoreError
 
-from . import catalog, runs, steer, text
+from . import catalog, explain, runs, steer, text
 from .registry import Limits, Registry
 
 FRONTEND_SPEC = "sae_kit.frontend"
@@ -44,7 +44,7 @@ def create_app(root: str | Path, *, model_name: str | None = None, api_token: st
     app.state.runs = service
     app.state.api_token = api_token or None
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    for router in (catalog.router, text.router, steer.router, *([runs.router] if service is not None else [])):
+    for router in (catalog.router, explain.router, text.router, steer.router, *([runs.router] if service is not None else [])):
         app.include_router(router)
 
     @app.exception_handler(FeatureStoreError)

@@ -44,6 +44,12 @@ class AnalysisInfo(BaseModel):
     created: Optional[str] = None
 
 
+class ServerInfo(BaseModel):
+    trains: bool = Field(description="false: a browse-only server (no /api/runs); start one with --max-runs >= 1")
+    max_runs: int
+    needs_token: bool = Field(description="steering, explaining and training need the API token")
+
+
 class SAEInfo(BaseModel):
     """A served SAE, or (``served`` false) an SAE folder that cannot be served and its ``problem``."""
 
@@ -70,6 +76,8 @@ class FeatureSummary(BaseModel):
     top_tokens: list[str]
     pos_logits: list[str]
     explanation: Optional[str] = None
+    score: Optional[float] = Field(default=None, description="mean of the explanation's detection and fuzzing "
+                                                             "balanced accuracy (chance 0.5)")
 
 
 class FeaturePage(BaseModel):
@@ -121,6 +129,67 @@ class Feature(BaseModel):
     top_examples: list[Example]
     quantile_examples: list[QuantileExamples]
     explanation: Optional[str] = None
+    explanations: dict[str, "ExplanationInfo"] = Field(
+        default_factory=dict, description="by role: explanation, token_rule (baseline), shuffled (chance control)")
+
+
+class ScoredExample(BaseModel):
+    scorer: Literal["detection", "fuzzing"]
+    tokens: list[str]
+    marks: Optional[list[bool]] = None
+    label: bool = Field(description="true: the feature fires here (detection) / the marks are its tokens (fuzzing)")
+    kind: str
+    p_yes: Optional[float] = Field(default=None, description="the judge's probability of yes; null: unparseable")
+
+
+class ExplanationInfo(BaseModel):
+    text: str
+    explainer: str
+    model: Optional[str] = None
+    prompt_version: str
+    score: Optional[float] = None
+    scores: Optional[dict] = None
+    verdicts: list[ScoredExample] = []
+    created: str
+
+
+class ExplanationHit(BaseModel):
+    index: int
+    explanation: Optional[str] = None
+    score: Optional[float] = None
+    rank: float = Field(description="BM25 relevance, higher is better")
+    density: float
+    top_tokens: list[str]
+
+
+class ExplanationSearch(BaseModel):
+    sae: str
+    q: str
+    total: int
+    offset: int
+    limit: int
+    results: list[ExplanationHit]
+
+
+class ExplainRequest(Strict):
+    explainer: Literal["token-rule", "lm"] = Field(
+        default="token-rule", description="token-rule (instant, no model) or lm (the server's local explainer model)")
+
+
+class ExplanationBrief(BaseModel):
+    index: int
+    explanation: Optional[str] = None
+    score: Optional[float] = None
+
+
+class DensityDistribution(BaseModel):
+    sae: str
+    edges: list[float] = Field(description="log10(density) bin edges")
+    counts: list[int]
+    dead: int = Field(description="features that never fired (not in the bins)")
+
+
+Feature.model_rebuild()
 
 
 class TextRequest(Strict):

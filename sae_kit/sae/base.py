@@ -356,12 +356,15 @@ class SAE(nn.Module):
         grad = self.W_dec.grad
         if grad is None:
             return
-        directions = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        grad -= (grad * directions).sum(dim=1, keepdim=True) * directions
+        # g -= (g·w / w·w) w per row: two row-wise dot products and one fused update, no [d_sae, d_in]
+        # temporaries (the unit directions, their product with g) as the textbook form builds.
+        W = self.W_dec.detach()
+        coefficient = torch.linalg.vecdot(grad, W) / torch.linalg.vecdot(W, W).clamp_min(1e-24)
+        grad.addcmul_(W, coefficient[:, None], value=-1)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min_(1e-12))
 
     # ------------------------------------------------------------------ interop
     def saelens_export(self, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:

@@ -136,6 +136,7 @@ class Trainer:
         self.plugins.setup(self)
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(optimizer_state)
+        _match_state_layout(self.optimizer)
         self.plugins.load_state(checkpoint)
         if self.dist.is_main:
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
@@ -143,7 +144,10 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         sae_params = self.sae.trainable_parameters()
         groups = [{"params": sae_params}, *self.plugins.parameter_groups(exclude=sae_params)]
-        return torch.optim.Adam(groups, lr=self.base_lr, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps)
+        # fused: one pass over each parameter and its two moments instead of ~7 elementwise kernels
+        # (about 0.1 s of a 0.8 s CPU step at 16384 latents); the same update up to rounding.
+        return torch.optim.Adam(groups, lr=self.base_lr, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps,
+                                fused=_fused_adam_supported(groups))
 
     @property
     def base_lr(self) -> float:
@@ -225,7 +229,7 @@ class Trainer:
         self.plugins.after_backward(ctx)
         self.sae.before_optimizer_step()
         if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.sae.trainable_parameters(), self.cfg.grad_clip)
+            clip_gradients(self.sae.trainable_parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.sae.after_optimizer_step()
         self.plugins.after_step(ctx)
@@ -266,6 +270,35 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _fused_adam_supported(groups: list[dict[str, Any]]) -> bool:
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
+def _match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded moments their parameter's memory layout (safetensors stores them contiguous;
+    the encoder is column-major): the fused Adam kernel walks parameter, gradient and moments in
+    one flat order, so a moment laid out otherwise would be updated element-mismatched."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """``clip_grad_norm_`` without its multiply-by-1.0 pass over every gradient when the norm is
+    already below ``max_norm`` (the common case after warm-up): the same gradients, bit for bit."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    total = torch.nn.utils.get_total_norm(grads)
+    # clip_grad_norm_ scales by min(1, max_norm / (total + 1e-6)): below 1 exactly when this holds.
+    if not float(total) + 1e-6 <= max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
