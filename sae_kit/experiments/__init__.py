@@ -1,1 +1,2 @@
-"""Experiments apart from plugins: reproduction claims, Pareto tables."""
+"""Experiments: runs that train and compare SAEs (``sae-kit ablate``, ``sae-kit bench``: synthetic,
+reproduce, pareto) and render their results."""

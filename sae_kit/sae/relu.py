@@ -30,6 +30,9 @@ class ReluSAE(SAE):
     # Every positive pre-activation is a code: nothing to gain from the sparse kernels.
     sparse_training = False
     uses_k = False
+
+    def saelens_export(self, tensors):
+        return "standard", {}
     Options = ReluOptions
 
     def __init__(self, cfg):
