@@ -30,10 +30,13 @@ class ReluSAE(SAE):
     # Every positive pre-activation is a code: nothing to gain from the sparse kernels.
     sparse_training = False
     uses_k = False
+    Options = ReluOptions
+    # Unit-normed inputs: b_enc is a threshold on the inputs' scale and Adam moves it by ~lr per step,
+    # so without normalisation activations ×100 train a different SAE (measured: L0 0.7 vs 58).
+    default_normalization = "unit_norm"
 
     def saelens_export(self, tensors):
         return "standard", {}
-    Options = ReluOptions
 
     def __init__(self, cfg):
         super().__init__(cfg)
