@@ -207,11 +207,16 @@ def cmd_bench_reproduce(args) -> int:
 def cmd_bench_pareto(args) -> int:
     from sae_kit.experiments.pareto import ParetoSettings, figure, format_markdown, run_pareto
 
+    sizes = dict(tokens=args.tokens, expansion=args.expansion, batch_size=args.batch_size,
+                 heldout_tokens=args.heldout_tokens, in_model_tokens=args.in_model_tokens)
+    if args.quick:
+        from sae_kit.experiments.pareto import QUICK
+
+        sizes.update(QUICK)
     settings = ParetoSettings(
         activations=args.activations, model=args.model, architectures=None if "all" in args.arch else args.arch,
-        target_l0s=tuple(args.l0), tokens=args.tokens, expansion=args.expansion, batch_size=args.batch_size,
-        heldout_tokens=args.heldout_tokens, in_model_tokens=args.in_model_tokens, context=args.context,
-        dataset=args.dataset, seed=args.seed, threads=args.threads, out=args.out,
+        target_l0s=tuple(args.l0), context=args.context, dataset=args.dataset, seed=args.seed, threads=args.threads,
+        out=args.out, **sizes,
     )
     rows = run_pareto(settings, progress=not args.no_progress)
     table = format_markdown(rows)
@@ -394,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/pareto", help="run folders, pareto.jsonl (resumable), .md, .html")
+    p.add_argument("--quick", action="store_true", help="CI sizes (seconds): "
+                   "8192 training tokens, 2x expansion, 2048 held-out rows, 256 in-model tokens")
     p.add_argument("--no-progress", action="store_true")
 
     from sae_kit.explain.cli import add_parser as add_explain_parser

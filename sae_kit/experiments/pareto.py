@@ -22,10 +22,13 @@ from tqdm.auto import tqdm
 COLUMNS = ("arch", "target_l0", "l0", "fvu", "ce_recovered", "kl", "dead", "train_s", "eval_s")
 
 
+QUICK = {"tokens": 8192, "expansion": 2, "batch_size": 512, "heldout_tokens": 2048, "in_model_tokens": 256}
+
+
 @dataclass
 class ParetoSettings:
     activations: str
-    model: str | None = None  # None: no in-model metrics
+    model: Any = None  # a model name, a loaded LanguageModel, or None: no in-model metrics
     architectures: list[str] | None = None  # None: the whole registry
     target_l0s: tuple[int, ...] = (16, 32, 64)
     tokens: int = 1_000_000
@@ -73,11 +76,11 @@ def run_pareto(settings: ParetoSettings, progress: bool = True) -> list[dict[str
     if settings.threads:
         torch.set_num_threads(settings.threads)
     store = ActivationStore(settings.activations)
-    model = None
-    if settings.model:
+    model = settings.model
+    if isinstance(model, str):
         from sae_kit.models import load_model
 
-        model = load_model(settings.model)
+        model = load_model(model)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "pareto.jsonl"

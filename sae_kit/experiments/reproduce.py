@@ -81,9 +81,13 @@ def run_claims(names: list[str] | None = None, quick: bool = False, seed: int = 
 
 
 # ------------------------------------------------------------------ training
+# --quick: smaller held-out evaluation and init sample (the run's own numbers, just noisier).
+QUICK_TRAIN = {"eval_tokens": 2048, "init_tokens": 4096}
+
+
 def train_planted(dataset: PlantedDataset, arch: str, *, d_sae: int, steps: int, k: int = 32,
                   batch_size: int = 512, lr: float = 1e-3, seed: int = 0, options: dict | None = None,
-                  eval_tokens: int = 16_384, dead_tokens: int = 100_000):
+                  eval_tokens: int = 16_384, dead_tokens: int = 100_000, init_tokens: int = 32_768):
     """Train one SAE on a planted dataset with the project's Trainer; returns (sae, eval dict)."""
     from sae_kit.train.trainer import TrainConfig, Trainer
 
@@ -92,7 +96,7 @@ def train_planted(dataset: PlantedDataset, arch: str, *, d_sae: int, steps: int,
             out=out, architecture=arch, k=k, d_sae=d_sae, options=dict(options or {}), lr=lr,
             batch_size=batch_size, tokens=steps * batch_size, warmup_steps=min(50, steps // 10),
             dead_tokens_threshold=dead_tokens, eval_every=steps, eval_tokens=eval_tokens,
-            checkpoint_every=steps, log_every=max(1, steps // 20), seed=seed, progress=False,
+            checkpoint_every=steps, log_every=max(1, steps // 20), seed=seed, progress=False, init_tokens=init_tokens,
         )
         trainer = Trainer(cfg, SyntheticSource(dataset))
         sae = trainer.run()
@@ -131,12 +135,12 @@ def gba_imbalanced_frr(quick: bool, seed: int) -> dict[str, Any]:
     import plotly.graph_objects as go
 
     dataset = make_dataset("gba_imbalanced", seed=seed)
-    d_sae, steps = (256, 150) if quick else (1024, 3000)
+    d_sae, steps = (128, 60) if quick else (1024, 3000)
     runs = [("topk k=20", "topk", 20, {}), ("topk k=30", "topk", 30, {}), ("gba", "gba", 32, {})]
     paper = {"topk k=20": 0.984, "topk k=30": 0.242, "gba": 1.0}
     results = {}
     for label, arch, k, options in runs:
-        sae, evaluation = train_planted(dataset, arch, d_sae=d_sae, steps=steps, k=k, seed=seed, options=options)
+        sae, evaluation = train_planted(dataset, arch, d_sae=d_sae, steps=steps, k=k, seed=seed, options=options, **(QUICK_TRAIN if quick else {}))
         learned = sae.decoder_directions()
         results[label] = {
             "frr@0.8": feature_recovery_rate(dataset.features, learned, 0.8),
@@ -169,6 +173,7 @@ def gba_imbalanced_frr(quick: bool, seed: int) -> dict[str, Any]:
         "verdict": verdict,
         "command": command_for("gba_imbalanced_frr", quick),
         "figure": figure,
+        "measured": {f"{label} frr@0.9": v for label, v in ours.items()},
         "details": results,
     }
 
@@ -178,10 +183,10 @@ def abstopk_signed(quick: bool, seed: int) -> dict[str, Any]:
     import plotly.graph_objects as go
 
     dataset = make_dataset("signed", seed=seed)
-    steps = 120 if quick else 800
+    steps = 60 if quick else 800
     counts, frr = {}, {}
     for arch in ("abstopk", "topk"):
-        sae, _ = train_planted(dataset, arch, d_sae=256, steps=steps, k=4, seed=seed)
+        sae, _ = train_planted(dataset, arch, d_sae=256, steps=steps, k=4, seed=seed, **(QUICK_TRAIN if quick else {}))
         learned = sae.decoder_directions()
         per_feature = latents_per_feature(dataset.features, learned, 0.9, absolute=True)
         recovered = per_feature > 0
@@ -202,6 +207,7 @@ def abstopk_signed(quick: bool, seed: int) -> dict[str, Any]:
         "verdict": "reproduced" if ok else "not reproduced",
         "command": command_for("abstopk_one_latent_per_signed_feature", quick),
         "figure": figure,
+        "measured": {f"{a} latents/feature": v for a, v in counts.items()},
     }
 
 
@@ -217,11 +223,11 @@ def batchtopk_nmse(quick: bool, seed: int) -> dict[str, Any]:
     import plotly.graph_objects as go
 
     dataset = variable_sparsity_dataset(seed)
-    steps = 120 if quick else 1500
+    steps = 60 if quick else 1500
     scores, l0s = {}, {}
     for arch in ("topk", "batchtopk"):
-        sae, _ = train_planted(dataset, arch, d_sae=512, steps=steps, k=12, seed=seed)
-        x, x_hat, codes, _ = heldout_codes(sae, dataset, 8192, seed)
+        sae, _ = train_planted(dataset, arch, d_sae=512, steps=steps, k=12, seed=seed, **(QUICK_TRAIN if quick else {}))
+        x, x_hat, codes, _ = heldout_codes(sae, dataset, 2048 if quick else 8192, seed)
         scores[arch], l0s[arch] = nmse(x, x_hat), float((codes != 0).sum(1).float().mean())
     ok = scores["batchtopk"] < scores["topk"]
     figure = go.Figure(go.Bar(x=list(scores), y=list(scores.values()),
@@ -241,6 +247,7 @@ def batchtopk_nmse(quick: bool, seed: int) -> dict[str, Any]:
         "verdict": "reproduced" if ok else "not reproduced",
         "command": command_for("batchtopk_lower_nmse_at_equal_l0", quick),
         "figure": figure,
+        "measured": {**{f"{a} nmse": v for a, v in scores.items()}, **{f"{a} l0": v for a, v in l0s.items()}},
     }
 
 
@@ -249,11 +256,11 @@ def choice_saes(quick: bool, seed: int) -> dict[str, Any]:
     import plotly.graph_objects as go
 
     dataset = make_dataset("sharkey", seed=seed)
-    steps = 120 if quick else 700
+    d_sae, steps = (256, 60) if quick else (1024, 700)
     dead, l0_mean, l0_std = {}, {}, {}
     for arch in ("topk", "mutual_choice", "feature_choice"):
-        sae, evaluation = train_planted(dataset, arch, d_sae=1024, steps=steps, k=5, seed=seed)
-        _, _, codes, _ = heldout_codes(sae, dataset, 8192, seed)
+        sae, evaluation = train_planted(dataset, arch, d_sae=d_sae, steps=steps, k=5, seed=seed, **(QUICK_TRAIN if quick else {}))
+        _, _, codes, _ = heldout_codes(sae, dataset, 2048 if quick else 8192, seed)
         per_token = (codes != 0).sum(1).float()
         dead[arch] = evaluation["dead_fraction"]
         l0_mean[arch], l0_std[arch] = float(per_token.mean()), float(per_token.std())
@@ -268,7 +275,7 @@ def choice_saes(quick: bool, seed: int) -> dict[str, Any]:
         "paper": "Ayonrinde, Adaptive Sparse Allocation with Mutual Choice & Feature Choice SAEs, 2024",
         "claim": "At equal sparsity, Mutual and Feature Choice SAEs have fewer dead latents than TopK, "
                  "and their per-token L0 adapts to the token.",
-        "setting": {"dataset": "sharkey", "d_sae": 1024, "k": 5, "steps": steps},
+        "setting": {"dataset": "sharkey", "d_sae": d_sae, "k": 5, "steps": steps},
         "unknowns": ["aux_zipf_loss formula -> our reconstruction (sae/zipf.py)",
                      "dead = no firing on 16k held-out tokens; adaptive = per-token L0 std > 0.5"],
         "paper_value": "zero dead features (TL;DR); adaptive allocation",
@@ -278,6 +285,7 @@ def choice_saes(quick: bool, seed: int) -> dict[str, Any]:
         "verdict": verdict,
         "command": command_for("choice_saes_fewer_dead_adaptive_l0", quick),
         "figure": figure,
+        "measured": {**{f"{a} dead": v for a, v in dead.items()}, **{f"{a} l0 std": v for a, v in l0_std.items()}},
     }
 
 
@@ -298,8 +306,8 @@ def topafa_tracks(quick: bool, seed: int) -> dict[str, Any]:
 
     d, n_features, max_active = (64, 64, 6) if quick else (256, 256, 10)
     dataset = quasi_orthogonal_dataset(seed, d, n_features, max_active)
-    steps = 150 if quick else 1500
-    sae, _ = train_planted(dataset, "topafa", d_sae=2 * n_features, steps=steps, seed=seed)
+    steps = 60 if quick else 1500
+    sae, _ = train_planted(dataset, "topafa", d_sae=2 * n_features, steps=steps, seed=seed, **(QUICK_TRAIN if quick else {}))
     x, x_hat, codes, truth = heldout_codes(sae, dataset, 4096, seed)
     k = (codes != 0).sum(1).float()
     true_k = (truth != 0).sum(1).float()
@@ -340,6 +348,7 @@ def topafa_tracks(quick: bool, seed: int) -> dict[str, Any]:
         "verdict": verdict,
         "command": command_for("topafa_k_tracks_true_count", quick),
         "figure": figure,
+        "measured": {"corr": corr, "mean k": float(k.mean()), "true mean k": float(true_k.mean()), "eps_lbo": eps_lbo},
     }
 
 
