@@ -205,23 +205,14 @@ def cmd_bench_reproduce(args) -> int:
 
 
 def cmd_bench_pareto(args) -> int:
+    from sae_kit.config import args_to_settings
     from sae_kit.experiments.pareto import ParetoSettings, figure, format_markdown, run_pareto
 
-    sizes = dict(tokens=args.tokens, expansion=args.expansion, batch_size=args.batch_size,
-                 heldout_tokens=args.heldout_tokens, in_model_tokens=args.in_model_tokens)
-    if args.quick:
-        from sae_kit.experiments.pareto import QUICK
-
-        sizes.update(QUICK)
-    settings = ParetoSettings(
-        activations=args.activations, model=args.model, architectures=None if "all" in args.arch else args.arch,
-        target_l0s=tuple(args.l0), context=args.context, dataset=args.dataset, seed=args.seed, threads=args.threads,
-        out=args.out, **sizes,
-    )
-    rows = run_pareto(settings, progress=not args.no_progress)
+    settings = ParetoSettings(**args_to_settings(ParetoSettings, args))
+    rows = run_pareto(settings, progress=settings.progress)
     table = format_markdown(rows)
     print(table)
-    out = Path(args.out)
+    out = Path(settings.out)
     figure(rows).write_html(str(out / "pareto.html"), include_plotlyjs="cdn")
     (out / "pareto.md").write_text(table + "\n")
     print(f"table, figure and rows in {out}/pareto.md, pareto.html, pareto.jsonl")
@@ -384,24 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the markdown table here and one HTML figure per claim beside it")
     p.add_argument("--json", help="write the rows as JSON")
 
+    from sae_kit.experiments.pareto import ParetoSettings
+
     p = bench.add_parser("pareto", help="every architecture at several sparsities on one store (FVU, CE, KL, L0, dead)")
-    p.add_argument("--activations", required=True, help="activation store folder")
-    p.add_argument("--model", help="model for CE-loss recovered and KL (e.g. smollm2); omit for store metrics only")
-    p.add_argument("--arch", nargs="+", default=["all"], choices=("all", *sorted(ARCHITECTURES)))
-    p.add_argument("--l0", nargs="+", type=int, default=[16, 32, 64], help="target mean L0s")
-    p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per SAE")
-    p.add_argument("--expansion", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--heldout-tokens", type=int, default=65_536, help="held-out store rows for FVU/L0/dead")
-    p.add_argument("--in-model-tokens", type=int, default=4096, help="tokens of held-out text for CE/KL")
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--dataset", default="default", help="text for the in-model evaluation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="runs/pareto", help="run folders, pareto.jsonl (resumable), .md, .html")
-    p.add_argument("--quick", action="store_true", help="CI sizes (seconds): "
-                   "8192 training tokens, 2x expansion, 2048 held-out rows, 256 in-model tokens")
-    p.add_argument("--no-progress", action="store_true")
+    add_arguments(p, ParetoSettings)
 
     from sae_kit.explain.cli import add_parser as add_explain_parser
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from sae_kit import cli
 from sae_kit.experiments import reproduce
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer:DeprecationWarning")
 
@@ -63,31 +66,26 @@ def test_claim_registry_checks_the_interface() -> None:
 
 
 def test_bench_pareto_quick_runs_every_architecture_with_in_model_metrics(tmp_path: Path) -> None:
-    import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformers import AutoTokenizer
-
-    from sae_kit.experiments.pareto import ParetoSettings, figure, format_markdown, run_pareto
     from sae_kit.harvest import HarvestConfig, harvest
-    from sae_kit.models import LanguageModel, ensure_smollm2_cache
+    from sae_kit.models import load_model
     from sae_kit.sae import ARCHITECTURES
     from sae_kit.text import iter_texts
+    from tiny_lm import write_tiny_llama
 
-    tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2_cache(), local_files_only=True)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=128,
-                                  d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN", seed=0, device="cpu")
-    model = LanguageModel.from_hooked_transformer(HookedTransformer(cfg), tokenizer, name="tiny-gpt2")
+    folder = write_tiny_llama(tmp_path / "lm")
+    model = load_model(str(folder))
     text = next(iter_texts("default"))
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) > 40][:120]
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) > 40][:200]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(paragraphs) + "\n")
     hook = "blocks.1.hook_resid_post"
-    store = harvest(HarvestConfig(out=str(tmp_path / "acts"), hooks=[hook], model="tiny-gpt2", dataset=str(corpus),
-                                  context=32, batch_size=8, tokens=6000, progress=False), model)[hook]
-    settings = ParetoSettings(activations=str(store.directory), model=model, target_l0s=(2, 4), tokens=2048, expansion=2,
-                              batch_size=256, heldout_tokens=256, in_model_tokens=62, context=32, dataset=str(corpus),
-                              out=str(tmp_path / "pareto"), dead_tokens_threshold=4096)
-    rows = run_pareto(settings, progress=False)
+    store = harvest(HarvestConfig(out=str(tmp_path / "acts"), hooks=[hook], model=str(folder), dataset=str(corpus),
+                                  context=32, batch_size=8, tokens=9000, progress=False), model)[hook]
+    out = tmp_path / "pareto"
+    argv = ["bench", "pareto", "--activations", str(store.directory), "--model", str(folder), "--l0", "2", "--l0", "4",
+            "--quick", "--context", "32", "--dataset", str(corpus), "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "pareto.jsonl").read_text().splitlines()]
     expected = sum(1 if cls.sparsity_settings(2) == cls.sparsity_settings(4) else 2 for cls in ARCHITECTURES.values())
     assert len(rows) == expected and {row["arch"] for row in rows} == set(ARCHITECTURES)
     for row in rows:
@@ -96,10 +94,12 @@ def test_bench_pareto_quick_runs_every_architecture_with_in_model_metrics(tmp_pa
     topk = {row["target_l0"]: row for row in rows if row["arch"] == "topk"}
     assert topk[2]["l0"] == pytest.approx(2) and topk[4]["l0"] == pytest.approx(4)
     assert topk[4]["fvu"] < topk[2]["fvu"]  # more latents per token reconstruct better
-    table = format_markdown(rows)
-    assert table.count("\n") == len(rows) + 1
-    assert len(figure(rows).data) >= len(ARCHITECTURES)
+    table = (out / "pareto.md").read_text()
+    assert table.count("\n") == len(rows) + 2
+    for row in rows:
+        assert f"| {row['arch']} | {row['target_l0'] if row['target_l0'] is not None else '-'} | {row['l0']:.3f} | {row['fvu']:.3f} |" in table
+    assert "plotly" in (out / "pareto.html").read_text()
     # Resume: a second call trains nothing and returns the same rows.
-    again = run_pareto(settings, progress=False)
-    assert [(r["arch"], r["target_l0"], r["fvu"]) for r in again] == [(r["arch"], r["target_l0"], r["fvu"]) for r in rows]
-    assert torch.get_num_threads() >= 1
+    assert cli.main(argv) == 0
+    again = [json.loads(line) for line in (out / "pareto.jsonl").read_text().splitlines()]
+    assert again == rows

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from sae_kit.config import registered_architectures, setting
 
 COLUMNS = ("arch", "target_l0", "l0", "fvu", "ce_recovered", "kl", "dead", "train_s", "eval_s")
 
@@ -27,22 +29,34 @@ QUICK = {"tokens": 8192, "expansion": 2, "batch_size": 512, "heldout_tokens": 20
 
 @dataclass
 class ParetoSettings:
-    activations: str
-    model: Any = None  # a model name, a loaded LanguageModel, or None: no in-model metrics
-    architectures: list[str] | None = None  # None: the whole registry
-    target_l0s: tuple[int, ...] = (16, 32, 64)
-    tokens: int = 1_000_000
-    expansion: int = 8
-    batch_size: int = 4096
-    heldout_tokens: int = 65_536
-    in_model_tokens: int = 4096
-    context: int = 128
-    dataset: str = "default"
-    seed: int = 0
-    threads: int | None = 1
-    out: str = "runs/pareto"
-    dead_tokens_threshold: int = 1_000_000
-    train_overrides: dict[str, Any] = field(default_factory=dict)
+    """The table's settings (also the ``sae-kit bench pareto`` flags)."""
+
+    activations: str = setting(help="activation store folder")
+    model: str | None = setting(None, "model for CE-loss recovered and KL (e.g. smollm2; the library also takes "
+                                      "a loaded LanguageModel); none: store metrics only")
+    architectures: list[str] | None = setting(None, "architectures, repeatable (default: every registered one)",
+                                              flags=("--arch",), choices=lambda: sorted(registered_architectures()))
+    target_l0s: list[int] = setting(help="target mean L0, repeatable", flags=("--l0",), factory=lambda: [16, 32, 64])
+    tokens: int = setting(1_000_000, "training tokens per SAE")
+    expansion: int = setting(8, "latents per input dimension")
+    batch_size: int = setting(4096, "tokens per step")
+    heldout_tokens: int = setting(65_536, "held-out store rows for FVU, L0 and dead fraction")
+    in_model_tokens: int = setting(4096, "tokens of held-out text for CE-loss recovered and KL")
+    context: int = setting(128, "tokens per window of the in-model evaluation")
+    dataset: str = setting("default", "text for the in-model evaluation")
+    seed: int = setting(0, "seed of every run")
+    threads: int | None = setting(1, "torch CPU threads")
+    out: str = setting("runs/pareto", "run folders, pareto.jsonl (resumable), pareto.md, pareto.html")
+    dead_tokens_threshold: int = setting(1_000_000, "AuxK's dead-latent threshold in tokens")
+    quick: bool = setting(False, "CI sizes (seconds): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    progress: bool = setting(True, "hide the progress bar", flags=("--no-progress",))
+    train_overrides: dict[str, Any] = setting(help="further TrainConfig fields for every run", cli=False, factory=dict)
+
+    def __post_init__(self) -> None:
+        self.target_l0s = [int(value) for value in self.target_l0s]  # repeated flags arrive as strings
+        if self.quick:
+            for name, value in QUICK.items():
+                setattr(self, name, value)
 
 
 def runs_for(settings: ParetoSettings) -> list[tuple[str, int | None, dict[str, Any]]]:
