@@ -307,18 +307,23 @@ def topafa_tracks(quick: bool, seed: int) -> dict[str, Any]:
     d, n_features, max_active = (64, 64, 6) if quick else (256, 256, 10)
     dataset = quasi_orthogonal_dataset(seed, d, n_features, max_active)
     steps = 60 if quick else 1500
-    sae, _ = train_planted(dataset, "topafa", d_sae=2 * n_features, steps=steps, seed=seed, **(QUICK_TRAIN if quick else {}))
-    x, x_hat, codes, truth = heldout_codes(sae, dataset, 4096, seed)
-    k = (codes != 0).sum(1).float()
-    true_k = (truth != 0).sum(1).float()
-    corr = float(torch.corrcoef(torch.stack([k, true_k]))[0, 1])
-    metrics = ReconstructionMetrics(sae.cfg.d_sae)
-    x_n, _ = sae.normalize(x)
     from sae_kit.codes import SparseCodes
 
-    sparse = SparseCodes.from_mask(codes, codes != 0)
-    metrics.update(x_n, sae.decode_normalized(sparse), sparse, decoder_norms=sae.W_dec.norm(dim=1), b_dec=sae.b_dec)
-    result = metrics.compute()
+    def measure(options: dict) -> dict[str, Any]:
+        sae, _ = train_planted(dataset, "topafa", d_sae=2 * n_features, steps=steps, seed=seed, options=options,
+                               **(QUICK_TRAIN if quick else {}))
+        x, x_hat, codes, truth = heldout_codes(sae, dataset, 4096, seed)
+        k, true_k = (codes != 0).sum(1).float(), (truth != 0).sum(1).float()
+        metrics = ReconstructionMetrics(sae.cfg.d_sae)
+        x_n, _ = sae.normalize(x)
+        sparse = SparseCodes.from_mask(codes, codes != 0)
+        metrics.update(x_n, sae.decode_normalized(sparse), sparse, decoder_norms=sae.W_dec.norm(dim=1), b_dec=sae.b_dec)
+        return {"k": k, "true_k": true_k, "corr": float(torch.corrcoef(torch.stack([k, true_k]))[0, 1]),
+                "metrics": metrics.compute(), "nmse": nmse(x, x_hat)}
+
+    # The paper's rule (our default), and the noise_floor remedy of docs/method-fixes.md beside it.
+    paper_rule, floored = measure({}), measure({"noise_floor": 3.0})
+    k, true_k, corr, result = paper_rule["k"], paper_rule["true_k"], paper_rule["corr"], paper_rule["metrics"]
     eps_lbo = result["eps_lbo_median"]
     norms = result["afa_norms_sample"][:2000]
     ok_corr, ok_eps = corr >= 0.8, eps_lbo <= 0.01
@@ -340,15 +345,18 @@ def topafa_tracks(quick: bool, seed: int) -> dict[str, Any]:
                  "features, with ZF points near the diagonal and a small ε-LBO.",
         "setting": {"d": d, "n_features": n_features, "active": [1, max_active], "d_sae": 2 * n_features, "steps": steps},
         "unknowns": ["the paper evaluates on LLMs; we plant Gaussian unit features (ε ≈ 3/√d)",
+                     "the verdict is the paper's rule (our default); the noise_floor=3 remedy is reported beside it",
                      "pass marks chosen before the run: correlation ≥ 0.8, median ε-LBO ≤ 0.01"],
         "paper_value": "k tracks the true count (qualitative); ε-LBO small",
         "ours": f"corr(k, true count) {corr:.3f}; mean k {float(k.mean()):.1f} vs true {float(true_k.mean()):.1f}; "
-                f"median ε-LBO {eps_lbo:.2e}; held-out NMSE {nmse(x, x_hat):.3f}",
+                f"median ε-LBO {eps_lbo:.2e}; held-out NMSE {paper_rule['nmse']:.3f}. With noise_floor=3: corr "
+                f"{floored['corr']:.3f}, mean k {float(floored['k'].mean()):.1f}, NMSE {floored['nmse']:.3f}",
         "difference": f"corr {corr - 1:+.3f} from perfect tracking; mean k {float(k.mean() - true_k.mean()):+.1f}",
         "verdict": verdict,
         "command": command_for("topafa_k_tracks_true_count", quick),
         "figure": figure,
-        "measured": {"corr": corr, "mean k": float(k.mean()), "true mean k": float(true_k.mean()), "eps_lbo": eps_lbo},
+        "measured": {"corr": corr, "mean k": float(k.mean()), "true mean k": float(true_k.mean()), "eps_lbo": eps_lbo,
+                     "noise_floor=3 corr": floored["corr"], "noise_floor=3 mean k": float(floored["k"].mean())},
     }
 
 
