@@ -15,9 +15,11 @@ The paper's schedule (γ = 0.01 every T = 50 steps of 512 tokens, ~10^5 steps) c
 targets in the runs people make (a few hundred to a few thousand steps): on SmolLM2 with 380k tokens
 it made 7 adaptations of 0.01·r and ended at L0 387 of 4608 against the targets' ~114. Our
 defaults therefore change three things, each of which can be switched back to the paper's rule:
-- cadence in tokens, not steps: adapt once ``adapt_tokens`` tokens have been seen since the last
-  adaptation (None: 10 / low_frequency, enough to measure the lowest target; 25,600 = the paper's
-  T·L). ``adapt_every`` (steps) overrides it;
+- cadence in tokens, not steps, per neuron: a neuron adapts once it has been observed over
+  10 / p_m tokens since its last adaptation (~10 expected firings at its target), or as soon as it
+  has fired 10 times (an over-active neuron need not wait for the rare groups' window; ``adapt_tokens``
+  sets one window for all, 25,600 = the paper's T·L). ``adapt_every`` (steps) restores the
+  paper's all-at-once schedule;
 - multiplicative steps (Rprop-style, ``step_growth`` = 2): a neuron's step γ·s_m doubles each time
   it moves the same way as at its previous move and halves (down to γ) when it reverses, up to
   γ·s_m ≤ ``max_step``; ``step_growth=1`` is the paper's constant γ;
@@ -57,7 +59,7 @@ class GBAOptions:
     groups: int = 10
     high_frequency: float = 0.1
     low_frequency: float = 0.001
-    adapt_tokens: int | None = None  # None: 10 / low_frequency
+    adapt_tokens: int | None = None  # None: per neuron, 10 / its target frequency
     adapt_every: int | None = None  # steps; overrides adapt_tokens
     gamma_up: float = 0.01
     gamma_down: float = 0.01
@@ -124,6 +126,8 @@ class GBASAE(SAE):
         self.register_buffer("step_scale", torch.ones(cfg.d_sae, dtype=torch.float64))
         self.register_buffer("last_move", torch.zeros(cfg.d_sae, dtype=torch.int8))
         self.register_buffer("bias_floor", torch.full((), -1.0, dtype=torch.float64))
+        # Tokens each neuron has been observed over since its own last adaptation (token cadence).
+        self.register_buffer("neuron_tokens", torch.zeros(cfg.d_sae, dtype=torch.float64))
 
     @classmethod
     def sparsity_settings(cls, target_l0: int) -> dict:
@@ -169,7 +173,9 @@ class GBASAE(SAE):
                 self.active_count += data_parallel.all_sum(gate.sum(0))
                 peak = data_parallel.all_max(pre.max(0).values.clamp_min(0))
                 self.peak_pre_activation.copy_(torch.maximum(self.peak_pre_activation, peak))
-                self.tokens_observed += data_parallel.global_rows(pre.shape[0])
+                rows = data_parallel.global_rows(pre.shape[0])
+                self.tokens_observed += rows
+                self.neuron_tokens += rows
         return SparseCodes.from_mask(output, gate)
 
     def code_values(self, gathered: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
@@ -184,20 +190,32 @@ class GBASAE(SAE):
         self.steps_since_adaptation += 1
         opts = self.opts
         if opts.adapt_every is not None:
-            due = int(self.steps_since_adaptation) >= opts.adapt_every
-        else:
-            due = float(self.tokens_observed) >= (opts.adapt_tokens or 10 / opts.low_frequency)
-        if due:
-            self.adapt_biases()
+            if int(self.steps_since_adaptation) >= opts.adapt_every:
+                self.adapt_biases()
+            return
+        # Each neuron adapts once it has seen enough tokens to measure its own target (10 / p_m
+        # tokens, ~10 expected firings) or, sooner, once it has fired 10 times (then it is over its
+        # target with some confidence): frequent groups and over-active neurons adapt every step or
+        # two, rare quiet ones less often.
+        window = torch.full_like(self.neuron_tokens, float(opts.adapt_tokens)) if opts.adapt_tokens else 10 / self.group_targets()
+        due = (self.neuron_tokens >= window) | (self.active_count >= 10)
+        if bool(due.any()):
+            self.adapt_biases(due)
 
     @torch.no_grad()
-    def adapt_biases(self) -> None:
+    def adapt_biases(self, due: torch.Tensor | None = None) -> None:
+        """One adaptation of the neurons in ``due`` (all when None, over ``tokens_observed``)."""
         opts = self.opts
-        frequency = self.active_count / self.tokens_observed.clamp_min(1)
+        if due is None:
+            due = torch.ones_like(self.neuron_tokens, dtype=torch.bool)
+            observed = self.tokens_observed.clamp_min(1)
+        else:
+            observed = self.neuron_tokens.clamp_min(1)
+        frequency = self.active_count / observed
         peak = self.peak_pre_activation.double()
         targets = self.group_targets()
-        over = frequency > targets
-        dead = ((frequency < opts.dead_frequency) | (frequency < opts.raise_below * targets)) & ~over
+        over = (frequency > targets) & due
+        dead = ((frequency < opts.dead_frequency) | (frequency < opts.raise_below * targets)) & ~over & due
         firing = (peak > 0).double()
         peak_sum = torch.zeros(opts.groups, dtype=torch.float64, device=peak.device).index_add_(0, self.group_index, peak * firing)
         peak_count = torch.zeros_like(peak_sum).index_add_(0, self.group_index, firing)
@@ -217,7 +235,9 @@ class GBASAE(SAE):
         bias = torch.where(over, torch.maximum(bias - down, self.bias_floor), bias)
         bias = torch.where(dead, (bias + up).clamp_max(0.0), bias)
         self.b_enc.copy_(bias.to(self.dtype_))
-        self.active_count.zero_()
-        self.peak_pre_activation.zero_()
-        self.tokens_observed.zero_()
+        self.active_count.masked_fill_(due, 0)
+        self.peak_pre_activation.masked_fill_(due, 0)
+        self.neuron_tokens.masked_fill_(due, 0)
+        if bool(due.all()):
+            self.tokens_observed.zero_()
         self.steps_since_adaptation.zero_()
