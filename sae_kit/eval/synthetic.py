@@ -197,14 +197,19 @@ def decaying_probabilities(n_features: int, decay: float, mean_active: float) ->
     """
     if not 0 < decay <= 1:
         raise ValueError(f"decay must be in (0, 1], got {decay}")
+    return rescaled_probabilities(decay ** torch.arange(n_features, dtype=torch.float64), mean_active,
+                                  f"with decay {decay}", "raise the decay")
+
+
+def rescaled_probabilities(weights: torch.Tensor, mean_active: float, profile: str, remedy: str) -> torch.Tensor:
+    """``weights`` (float64) scaled so that they sum to ``mean_active``; raises if one exceeds 1."""
     if mean_active < 0:
         raise ValueError(f"mean_active must be non-negative, got {mean_active}")
-    weights = decay ** torch.arange(n_features, dtype=torch.float64)
     probabilities = weights * (mean_active / weights.sum())
     if float(probabilities.max()) > 1.0:
         raise ValueError(
-            f"mean_active={mean_active} over {n_features} features with decay {decay} needs a firing "
-            f"probability of {float(probabilities.max()):.3f} > 1; lower mean_active or raise the decay"
+            f"mean_active={mean_active} over {weights.numel()} features {profile} needs a firing "
+            f"probability of {float(probabilities.max()):.3f} > 1; lower mean_active or {remedy}"
         )
     return probabilities
 
@@ -304,9 +309,7 @@ def zipf_dataset(
     generator = torch.Generator().manual_seed(seed)
     features = random_unit_features(n_features, d, generator)
     weights = (torch.arange(n_features, dtype=torch.float64) + 1).pow(-exponent)
-    probabilities = weights * (mean_active / weights.sum())
-    if float(probabilities.max()) > 1.0:
-        raise ValueError(f"mean_active={mean_active} needs a firing probability above 1; lower it or the exponent")
+    probabilities = rescaled_probabilities(weights, mean_active, f"with Zipf exponent {exponent}", "lower the exponent")
     return PlantedDataset("zipf", features, BernoulliSparsity(probabilities), magnitude_range, signed=False)
 
 
