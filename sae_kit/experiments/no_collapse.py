@@ -48,7 +48,7 @@ class ScaledSource:
 
 
 def target_l0(sae, k: int, true_l0: float | None) -> float:
-    if sae.architecture == "gba":
+    if hasattr(sae, "group_targets"):  # frequency-target rules (GBA): the targets' sum
         return float(sae.group_targets().sum())
     if type(sae).uses_k:
         return float(k)
