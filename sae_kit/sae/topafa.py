@@ -24,6 +24,8 @@ Two findings from comparing this file with the reference step by step (docs/repr
   of random directions: k never goes past the last activation above it. 0 (the default) is the
   paper's rule; 3 recovers the true L0 on the sparse planted sets but collapses on GBA's dense
   set (20 of 128 features active in 42 dimensions, where features are no larger than crosstalk).
+  On a quasi-orthogonal dictionary it makes k track the true count (correlation 0.95 against
+  −0.02 for the paper's rule, `bench reproduce`).
 """
 from __future__ import annotations
 
