@@ -1,21 +1,24 @@
 """Load test of the steering endpoint: N concurrent POST /api/steer requests against a running server.
 
 First measures the reference in the same run: single steering requests sent one at a time (median of
-``--reference`` of them). Then sends ``--requests`` requests at once from as many threads, each with
-its own seed, and reports every status code, latency percentiles, the wall time and the ratio of
-that wall time to ``requests × reference`` (the model serves one request at a time, so ~1.0 means
-no queueing overhead beyond the serial work).
+``--reference`` of them; serial throughput is one request per reference time). Then sends
+``--requests`` requests at once from as many threads, each with its own prompt, feature, method and
+seed, and reports every status code, latency percentiles, the wall time, the throughput against
+serial (target >= 4x at 50 concurrent: the server generates concurrent requests as one batch) and
+p95 latency against one request alone (target <= 15x), with the machine, settings and load average.
 
-    sae-kit serve runs/demo &                      # or: sae-kit demo --out runs/demo
+    sae-kit serve runs/demo --threads 2 &          # or: sae-kit demo --out runs/demo
     python benchmarks/steer_load.py --url http://127.0.0.1:8000 --requests 50
 
-``--root FOLDER`` starts ``sae-kit serve FOLDER`` itself on a free port and stops it afterwards.
+``--root FOLDER`` starts ``sae-kit serve FOLDER`` itself on a free port and stops it afterwards;
+``--tiny`` serves the tiny random model and SAE of tests/tiny_served.py (CI size, not a measurement).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -24,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 PROMPTS = ["The meaning of life is", "Once upon a time, in a kingdom by the sea,", "My favourite food is",
            "The weather today", "To be, or not to be:"]
@@ -71,11 +75,22 @@ def start_server(root: str, threads: int | None) -> tuple[subprocess.Popen, str]
     raise SystemExit("the server did not come up within 5 minutes")
 
 
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--root", help="serve this folder for the duration of the test")
+    where.add_argument("--tiny", action="store_true", help="serve tests/tiny_served.py's tiny folder (CI size)")
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--reference", type=int, default=3, help="single requests timed first")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -87,6 +102,16 @@ def main() -> None:
     args = parser.parse_args()
 
     process = None
+    load_before = os.getloadavg()
+    tiny_root = None
+    if args.tiny:
+        import tempfile
+
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        from tiny_served import build_served_root
+
+        tiny_root = Path(tempfile.mkdtemp(prefix="steer-load-"))
+        args.root = str(build_served_root(tiny_root, analysis_tokens=256))
     if args.root:
         process, url = start_server(args.root, args.threads)
     else:
@@ -121,6 +146,10 @@ def main() -> None:
         if process is not None:
             process.terminate()
             process.wait(timeout=60)
+        if tiny_root is not None:
+            import shutil
+
+            shutil.rmtree(tiny_root, ignore_errors=True)
 
     statuses = [status for status, _, _ in results]
     latencies = [seconds for _, _, seconds in results]
@@ -132,14 +161,24 @@ def main() -> None:
         "latency_s": {name: percentile(latencies, q) for name, q in
                       (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("max", 100))} | {"min": min(latencies)},
         "wall_over_serial_reference": wall / (args.requests * single),
+        "throughput_over_serial": args.requests * single / wall,
+        "p95_over_single": percentile(latencies, 95) / single,
+        "machine": machine(), "server_threads": args.threads,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
     }
     print(f"steering load test: {args.requests} concurrent requests to {url} (SAE {sae['id']}, "
-          f"{args.max_new_tokens} new tokens each, default + steered)")
+          f"{args.max_new_tokens} new tokens each, default + steered, temperature {args.temperature}, "
+          f"strength {args.strength}, additive and clamp alternating)")
+    print(f"  machine: {figures['machine']}; server threads: {args.threads or 'server default'}")
+    print("  load average before: {:.2f} {:.2f} {:.2f}  after: {:.2f} {:.2f} {:.2f} (1, 5, 15 min)".format(
+        *load_before, *figures["load_average_after"]))
     print(f"  succeeded: {ok}/{args.requests}  statuses: {figures['statuses']}")
     print(f"  reference (one request alone, median of {args.reference}): {single:.2f} s")
     print("  latency: " + "  ".join(f"{name} {value:.2f} s" for name, value in figures["latency_s"].items()))
     print(f"  wall time {wall:.1f} s = {figures['wall_over_serial_reference']:.2f} x "
           f"({args.requests} x reference); throughput {args.requests / wall:.2f} requests/s")
+    print(f"  throughput vs serial: {figures['throughput_over_serial']:.2f}x (target >= 4x)   "
+          f"p95 latency vs one request alone: {figures['p95_over_single']:.2f}x (target <= 15x)")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(figures, file, indent=2)
