@@ -130,12 +130,13 @@ def main() -> None:
                     "temperature": args.temperature, "seed": i, "method": "additive" if i % 2 == 0 else "clamp",
                     "features": [{"sae": sae["id"], "index": features[i % len(features)], "strength": args.strength}]}
 
-        reference = []
+        reference, alone = [], []
         for i in range(args.reference):
             status, payload, seconds = call(f"{url}/api/steer", body(i), args.token)
             if status != 200:
                 raise SystemExit(f"a single steering request failed: {status} {payload}")
             reference.append(seconds)
+            alone.append(payload)
         single = statistics.median(reference)
 
         started = time.perf_counter()
@@ -154,6 +155,8 @@ def main() -> None:
     statuses = [status for status, _, _ in results]
     latencies = [seconds for _, _, seconds in results]
     ok = statuses.count(200)
+    # The reference requests were sent again among the concurrent ones: batched, they must give the same texts.
+    same = sum(results[i][1] == alone[i] for i in range(min(args.reference, args.requests)))
     figures = {
         "server": url, "sae": sae["id"], "requests": args.requests, "max_new_tokens": args.max_new_tokens,
         "succeeded": ok, "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
@@ -163,7 +166,7 @@ def main() -> None:
         "wall_over_serial_reference": wall / (args.requests * single),
         "throughput_over_serial": args.requests * single / wall,
         "p95_over_single": percentile(latencies, 95) / single,
-        "machine": machine(), "server_threads": args.threads,
+        "same_as_alone": f"{same}/{min(args.reference, args.requests)}", "machine": machine(), "server_threads": args.threads,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
     }
     print(f"steering load test: {args.requests} concurrent requests to {url} (SAE {sae['id']}, "
@@ -173,7 +176,8 @@ def main() -> None:
     print("  load average before: {:.2f} {:.2f} {:.2f}  after: {:.2f} {:.2f} {:.2f} (1, 5, 15 min)".format(
         *load_before, *figures["load_average_after"]))
     print(f"  succeeded: {ok}/{args.requests}  statuses: {figures['statuses']}")
-    print(f"  reference (one request alone, median of {args.reference}): {single:.2f} s")
+    print(f"  reference (one request alone, median of {args.reference}): {single:.2f} s; the same requests "
+          f"among the concurrent ones gave the same texts: {figures['same_as_alone']}")
     print("  latency: " + "  ".join(f"{name} {value:.2f} s" for name, value in figures["latency_s"].items()))
     print(f"  wall time {wall:.1f} s = {figures['wall_over_serial_reference']:.2f} x "
           f"({args.requests} x reference); throughput {args.requests / wall:.2f} requests/s")
@@ -182,7 +186,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as file:
             json.dump(figures, file, indent=2)
-    if ok != args.requests:
+    if ok != args.requests or same != min(args.reference, args.requests):
         sys.exit(1)
 
 
