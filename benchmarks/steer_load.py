@@ -75,6 +75,16 @@ def start_server(root: str, threads: int | None) -> tuple[subprocess.Popen, str]
     raise SystemExit("the server did not come up within 5 minutes")
 
 
+def same_answer(together: dict, alone: dict) -> bool:
+    """Steering: the same texts. Search: the same tokens and features (values agree to float rounding
+    of the batch, so they are not compared bit for bit)."""
+    if "token_features" not in alone:
+        return together == alone
+    features = lambda r: ([[f["index"] for f in row] for row in r["token_features"]],  # noqa: E731
+                          [f["index"] for f in r["top_features"]])
+    return together.get("tokens") == alone["tokens"] and features(together) == features(alone)
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -92,6 +102,8 @@ def main() -> None:
     where.add_argument("--root", help="serve this folder for the duration of the test")
     where.add_argument("--tiny", action="store_true", help="serve tests/tiny_served.py's tiny folder (CI size)")
     parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--endpoint", choices=("steer", "search"), default="steer",
+                        help="steer (default) or search: texts are encoded in batches the same way")
     parser.add_argument("--reference", type=int, default=3, help="single requests timed first")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -125,14 +137,18 @@ def main() -> None:
         else:
             features = list(range(5))
 
+        endpoint = f"{url}/api/{args.endpoint}"
+
         def body(i: int) -> dict:
+            if args.endpoint == "search":  # a different text per request, ~30-60 tokens
+                return {"sae": sae["id"], "text": " ".join([PROMPTS[i % len(PROMPTS)]] * (2 + i % 3)) + f" {i}"}
             return {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": args.max_new_tokens,
                     "temperature": args.temperature, "seed": i, "method": "additive" if i % 2 == 0 else "clamp",
                     "features": [{"sae": sae["id"], "index": features[i % len(features)], "strength": args.strength}]}
 
         reference, alone = [], []
         for i in range(args.reference):
-            status, payload, seconds = call(f"{url}/api/steer", body(i), args.token)
+            status, payload, seconds = call(endpoint, body(i), args.token)
             if status != 200:
                 raise SystemExit(f"a single steering request failed: {status} {payload}")
             reference.append(seconds)
@@ -141,7 +157,7 @@ def main() -> None:
 
         started = time.perf_counter()
         with ThreadPoolExecutor(args.requests) as pool:
-            results = list(pool.map(lambda i: call(f"{url}/api/steer", body(i), args.token), range(args.requests)))
+            results = list(pool.map(lambda i: call(endpoint, body(i), args.token), range(args.requests)))
         wall = time.perf_counter() - started
     finally:
         if process is not None:
@@ -156,9 +172,9 @@ def main() -> None:
     latencies = [seconds for _, _, seconds in results]
     ok = statuses.count(200)
     # The reference requests were sent again among the concurrent ones: batched, they must give the same texts.
-    same = sum(results[i][1] == alone[i] for i in range(min(args.reference, args.requests)))
+    same = sum(same_answer(results[i][1], alone[i]) for i in range(min(args.reference, args.requests)))
     figures = {
-        "server": url, "sae": sae["id"], "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+        "server": url, "endpoint": args.endpoint, "sae": sae["id"], "requests": args.requests, "max_new_tokens": args.max_new_tokens,
         "succeeded": ok, "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
         "single_request_s": single, "wall_s": wall,
         "latency_s": {name: percentile(latencies, q) for name, q in
@@ -169,9 +185,13 @@ def main() -> None:
         "same_as_alone": f"{same}/{min(args.reference, args.requests)}", "machine": machine(), "server_threads": args.threads,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
     }
-    print(f"steering load test: {args.requests} concurrent requests to {url} (SAE {sae['id']}, "
-          f"{args.max_new_tokens} new tokens each, default + steered, temperature {args.temperature}, "
-          f"strength {args.strength}, additive and clamp alternating)")
+    if args.endpoint == "steer":
+        print(f"steering load test: {args.requests} concurrent requests to {url} (SAE {sae['id']}, "
+              f"{args.max_new_tokens} new tokens each, default + steered, temperature {args.temperature}, "
+              f"strength {args.strength}, additive and clamp alternating)")
+    else:
+        print(f"search load test: {args.requests} concurrent POST /api/search to {url} (SAE {sae['id']}, "
+              "a different text of ~10-40 tokens each)")
     print(f"  machine: {figures['machine']}; server threads: {args.threads or 'server default'}")
     print("  load average before: {:.2f} {:.2f} {:.2f}  after: {:.2f} {:.2f} {:.2f} (1, 5, 15 min)".format(
         *load_before, *figures["load_average_after"]))

@@ -14,6 +14,7 @@ from .deps import registry, served_sae
 from .registry import Registry
 from .schemas import EncodeRequest, EncodeResponse, error_responses, SearchResponse, TextRequest
 
+ENCODE_BATCH = 8
 router = APIRouter(prefix="/api", tags=["text"], responses=error_responses(400, 404, 413, 422))
 
 
@@ -21,7 +22,10 @@ async def _encode(reg: Registry, sae_id: str, text: str):
     served = served_sae(reg, sae_id)
     model = reg.models[served.model_id]
     limit = reg.limits.max_text_tokens
-    batcher = model.batcher("encode", lambda items: encode_many(model.model, items, max_text_tokens=limit))
+    # Encoding a text is a prefill, already compute-bound on CPU: batches beyond a few texts add
+    # latency (everyone waits for the whole batch) without adding throughput.
+    batcher = model.batcher("encode", lambda items: encode_many(model.model, items, max_text_tokens=limit),
+                            max_batch=ENCODE_BATCH)
     try:
         return await asyncio.wrap_future(batcher.submit(Encoding(served.sae, served.hook, text)))
     except ValueError as exc:
