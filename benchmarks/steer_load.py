@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from bench_env import machine  # benchmarks/ is the script's folder
 
 PROMPTS = ["The meaning of life is", "Once upon a time, in a kingdom by the sea,", "My favourite food is",
            "The weather today", "To be, or not to be:"]
@@ -83,16 +84,6 @@ def same_answer(together: dict, alone: dict) -> bool:
     features = lambda r: ([[f["index"] for f in row] for row in r["token_features"]],  # noqa: E731
                           [f["index"] for f in r["top_features"]])
     return together.get("tokens") == alone["tokens"] and features(together) == features(alone)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
 def main() -> None:

@@ -45,6 +45,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
+from bench_env import load_average, machine  # noqa: E402  (benchmarks/ is the script's folder)
+
 DEAD_FRACTION = 0.25
 COMPARED = ("dense", "saelens", "sparsify")
 STEP = "step/"
@@ -299,20 +301,6 @@ def report(latents: int, args, median: dict[str, float], memory: dict[str, float
         if memory.get(ours) is not None and memory.get(STEP + "sparsify") is not None:
             print(f"whole-step peak memory: ours {memory[ours]:.0f} MiB, sparsify {memory[STEP + 'sparsify']:.0f} MiB "
                   "(target: ours <= sparsify)")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-
-
-def load_average() -> str:
-    return "{:.2f} {:.2f} {:.2f} (1, 5, 15 min)".format(*os.getloadavg())
 
 
 def default_paths() -> list[str]:
