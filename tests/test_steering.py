@@ -128,8 +128,11 @@ def test_encode_text_matches_the_sae_on_captured_activations(served):
 
 def _mixed_requests(sae, n: int = 10):
     prompts = [PROMPT, "Once upon a time, in a kingdom by the sea,", "My favourite food is", "Hi"]
+    # Every fourth request also steers a second feature at another hook.
+    extra = lambda i: (SteeringFeature(sae, "blocks.0.hook_resid_post", i + 1, -15.0),) if i % 4 == 0 else ()  # noqa: E731
     return [SteeringRequest(prompts[i % len(prompts)],
-                            (SteeringFeature(sae, HOOK if i % 3 else "blocks.0.hook_resid_pre", (7 * i) % 90, 20.0 + 5 * i),),
+                            (SteeringFeature(sae, HOOK if i % 3 else "blocks.0.hook_resid_pre", (7 * i) % 90, 20.0 + 5 * i),
+                             *extra(i)),
                             max_new_tokens=3 + i % 6, temperature=(0.0, 0.8, 1.4)[i % 3], seed=100 + i,
                             method=("additive", "clamp")[i % 2]) for i in range(n)]
 
