@@ -32,7 +32,9 @@ minus the resident set before them (weights and data excluded), in MiB.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -200,6 +202,7 @@ def whole_step_path(name: str, x: torch.Tensor, n: int, k: int, seed: int, dead:
 
     architecture = "topk" if base == "ours" else base
     out = tempfile.mkdtemp(prefix="train_step_bench_")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # the trainer's run folder, not wanted after
     cfg = TrainConfig(architecture=architecture, k=k, d_sae=n, batch_size=x.shape[0], tokens=10**12,
                       warmup_steps=0, init_tokens=min(x.shape[0], 4096), out=out, progress=False, seed=seed)
     trainer = Trainer(cfg, InMemorySource(x), data_parallel=False)
