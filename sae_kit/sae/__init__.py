@@ -7,7 +7,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sae_kit.config import ConfigError, SAEConfig, load_config_file
-from sae_kit.sae import abstopk, batchtopk, feature_choice, gba, mutual_choice, relu, topafa, topk  # noqa: F401 (registers)
+from sae_kit.sae import abstopk, batchtopk, feature_choice, gba, jumprelu, matryoshka, mutual_choice, relu, topafa, topk  # noqa: F401 (registers)
 from sae_kit.sae.base import ARCHITECTURES, CONFIG_FILE, SAE, WEIGHTS_FILE
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "create_sae", "load_sae", "sae_config_from_dict"]

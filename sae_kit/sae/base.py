@@ -313,6 +313,10 @@ class SAE(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups; a group's ``lr_scale`` multiplies the scheduled lr (JumpReLU's θ)."""
+        return [{"params": self.trainable_parameters()}]
+
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """Remove the gradient component parallel to each decoder row (keeps the step on the sphere)."""

@@ -226,7 +226,7 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         sae_params = self.sae.trainable_parameters()
-        groups = [{"params": sae_params}, *self.plugins.parameter_groups(exclude=sae_params)]
+        groups = [*self.sae.parameter_groups(), *self.plugins.parameter_groups(exclude=sae_params)]
         return torch.optim.Adam(groups, lr=self.base_lr, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps)
 
     @property
