@@ -20,6 +20,8 @@ TRAIN_FLAGS = {
     "out": dict(help="run folder (checkpoints, metrics, report, final SAE)"),
     "architecture": dict(flags=("--arch", "--architecture"), help="SAE architecture"),
     "k": dict(type=int, help="active latents per token (TopK family; budget k·B for batch-level rules)"),
+    "target_l0": dict(type=int, help="train at about this mean L0: sets the architecture's own knob (k, or "
+                      "JumpReLU's quadratic L0 penalty around the target)"),
     "expansion": dict(type=int, help="d_sae = expansion × d_in"),
     "d_sae": dict(type=int, help="number of latents (overrides --expansion)"),
     "normalize_activations": dict(flags=("--normalize",), choices=("none", "unit_norm", "layer_norm"),

@@ -58,6 +58,8 @@ class TrainConfig:
     out: str = "runs/sae"
     architecture: str = "topk"
     k: int = 32
+    # Train at about this mean L0 whatever the architecture: its sparsity_settings(N) set k or options.
+    target_l0: int | None = None
     expansion: int = 8
     d_sae: int | None = None  # overrides expansion
     normalize_activations: str | None = None  # None: the architecture's default
@@ -107,8 +109,25 @@ class TrainConfig:
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
         self.adam_betas = tuple(self.adam_betas)
+        if self.target_l0 is not None:
+            self.apply_target_l0()
         self.plugins = normalize_specs(self.plugins)
         build_plugins(self.plugins)  # unknown names, bad options and conflicts are reported now
+
+    def apply_target_l0(self) -> None:
+        """Fold ``target_l0`` into the architecture's own knob (k, or an option such as JumpReLU's)."""
+        if not isinstance(self.target_l0, int) or self.target_l0 < 1:
+            raise ConfigError(f"target_l0 must be a positive integer, got {self.target_l0!r}")
+        cls = ARCHITECTURES[self.architecture]
+        knob = getattr(cls, "sparsity_settings", None)
+        if knob is None and not cls.uses_k:
+            raise ConfigError(f"architecture {self.architecture!r} has no target-L0 setting; tune its own options")
+        overrides = knob(self.target_l0) if knob else {"k": self.target_l0}
+        for name, value in overrides.items():
+            if name == "options":
+                self.options = {**self.options, **value}
+            else:
+                setattr(self, name, value)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
