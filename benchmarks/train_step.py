@@ -11,6 +11,8 @@ time each), so machine load hits them alike:
   saelens         SAELens' TopKTrainingSAE.training_forward_pass (its defaults), without / with AuxK
   sparsify        EleutherAI sparsify's SparseCoder forward (fvu + auxk), without / with AuxK
   batchtopk, mutual_choice, feature_choice   sae-kit's other selection rules (against ours)
+  jumprelu        sae-kit's JumpReLU step (mask selection, STE band, quadratic L0 penalty), thresholds
+                  placed at L0 = k on the data; matryoshka: Matryoshka BatchTopK (default 4 prefixes)
 
 Peak memory: each path again in a fresh process: the resident-set high-water mark of two steps
 minus the resident set before them (weights and data excluded), in MiB.
@@ -86,11 +88,15 @@ def make_paths(names: list[str], x: torch.Tensor, n: int, k: int, seed: int) -> 
                 return ((codes @ m.W_dec + m.b_dec) - x).pow(2).sum(1).mean() / variance
 
             paths[name] = step(module, dense_loss)
-        elif name.split("+")[0] in ("ours", "batchtopk", "mutual_choice", "feature_choice"):
+        elif name.split("+")[0] in ("ours", "batchtopk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka"):
             from sae_kit.sae import SAEConfig, create_sae
 
             architecture = {"ours": "topk"}.get(name.split("+")[0], name.split("+")[0])
-            sae = create_sae(SAEConfig(d_in=d_in, d_sae=n, architecture=architecture, k=k)).train()
+            options = {"target_l0": k} if architecture == "jumprelu" else {}
+            sae = create_sae(SAEConfig(d_in=d_in, d_sae=n, architecture=architecture, k=k, options=options))
+            if architecture == "jumprelu":
+                sae.init_from_data(x)  # thresholds at the L0 = k quantile: the same L0 as TopK's k
+            sae.train()
             if name.endswith("+auxk"):
                 sae.tokens_since_fired[dead] = sae.cfg.dead_tokens_threshold
             paths[name] = step(sae, lambda sae=sae: sae.training_forward(x, variance).loss)
@@ -178,7 +184,8 @@ def report(latents: int, args, median: dict[str, float], memory: dict[str, float
         print(row + (f"{mem:>10.0f}" if mem is not None else f"{'':>10}"))
     if "ours" in median:
         print("selection rules against our TopK step (time ratio, target <= 1.3):",
-              ", ".join(f"{n} {median[n] / median['ours']:.2f}" for n in ("batchtopk", "mutual_choice", "feature_choice") if n in median))
+              ", ".join(f"{n} {median[n] / median['ours']:.2f}" for n in ("batchtopk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka")
+                         if n in median))
 
 
 def main() -> None:

@@ -168,9 +168,9 @@ class JumpReLUSAE(SAE):
         theta = self.threshold.detach().to(pre.dtype)
         if not self.training:
             return SparseCodes.from_mask(pre, pre > theta)
-        band = float(self.bandwidth) / 2
+        # Above θ or within ε/2 below it (the STE's band): one comparison pass over u.
         with torch.no_grad():
-            rows, cols = ((pre > theta) | ((pre - theta).abs() < band)).nonzero(as_tuple=True)
+            rows, cols = (pre > theta - float(self.bandwidth) / 2).nonzero(as_tuple=True)
         codes = SparseCodes.from_coordinates(pre, rows, cols)
         counts = torch.bincount(rows, minlength=pre.shape[0])
         self._real_slots = torch.arange(codes.indices.shape[1], device=pre.device)[None, :] < counts[:, None]
