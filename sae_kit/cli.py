@@ -15,6 +15,10 @@ TRAIN_FLAGS = {
                         "repeat it to train one SAE per store into OUT/<store name>, spread over torchrun's ranks"),
     "model": dict(help="train straight from this model's activations, without a cache (with --hook)"),
     "hook": dict(help="hook name for --model, e.g. blocks.6.hook_resid_post"),
+    "targets": dict(help="transcoder: the output hook's store, harvested with --activations' hook in one run "
+                    "(e.g. blocks.6.hook_mlp_out beside blocks.6.ln2.hook_normalized)"),
+    "target_hook": dict(help="transcoder from --model: the output hook to predict (e.g. blocks.6.hook_mlp_out)"),
+    "skip_connection": dict(action="store_true", help="skip transcoder: train an affine W_skip too"),
     "dataset": dict(help="text dataset for --model: 'default', a local file/folder, or a hub name"),
     "context": dict(type=int, help="tokens per context window for --model"),
     "out": dict(help="run folder (checkpoints, metrics, report, final SAE)"),

@@ -32,6 +32,10 @@ class SAEConfig:
     aux_coefficient: float = 1 / 32
     # Latents used by the dead-latent auxiliary loss; None means d_in // 2 (Gao et al. App. B.1).
     k_aux: int | None = None
+    # Transcoders: the output hook's width (None: an SAE, which reconstructs its own input), and an
+    # affine skip W_skip [d_out, d_in] beside the sparse path (skip transcoders, Paulo et al. 2025).
+    d_out: int | None = None
+    skip_connection: bool = False
     # Architecture-specific settings, validated against the architecture's ``Options`` dataclass.
     options: dict[str, Any] = field(default_factory=dict)
     # Provenance: model_name, hook_name, context_size, dataset_path... (SAELens metadata keys).
@@ -48,6 +52,12 @@ class SAEConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.d_out is not None and (not isinstance(self.d_out, int) or self.d_out < 1):
+            raise ConfigError(f"d_out must be a positive integer (or None for an SAE), got {self.d_out!r}")
+        if self.skip_connection and self.d_out is None:
+            raise ConfigError("skip_connection is for transcoders: give the output width d_out (train with --targets)")
+        if self.d_out is not None and self.normalize_activations not in (None, "none"):
+            raise ConfigError("transcoders read and predict raw activations: use normalize_activations none")
         if self.k_aux is not None and self.k_aux < 1:
             raise ConfigError(f"k_aux must be a positive integer, got {self.k_aux!r}")
 

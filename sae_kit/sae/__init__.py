@@ -33,6 +33,8 @@ def sae_config_from_dict(data: dict) -> SAEConfig:
             dead_tokens_threshold=ours.get("dead_tokens_threshold", 10_000_000),
             aux_coefficient=ours.get("aux_coefficient", 1 / 32),
             k_aux=ours.get("k_aux"),
+            d_out=data.get("d_out") if data.get("d_out") is not None and ours.get("transcoder") else None,
+            skip_connection=bool(ours.get("skip_connection", False)),
             options=ours.get("options", {}),
             metadata=data.get("metadata", {}),
         )

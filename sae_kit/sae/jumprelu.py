@@ -139,7 +139,7 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:
         super().init_from_data(sample)
-        x_n, _ = self.normalize(sample)
+        x_n, _ = self.normalize(self.split_pair(sample)[0])
         pre = self.pre_activations(x_n).float()
         positive = pre[pre > 0]
         scale = positive.median() if positive.numel() else pre.abs().median().clamp_min(1e-6)

@@ -53,6 +53,10 @@ class TrainConfig:
     # Or train straight from a model, without a cache (harvest on the fly):
     model: str | None = None
     hook: str | None = None
+    # Transcoders: the output hook's store (rows aligned with activations'), or its hook with --model.
+    targets: str | None = None
+    target_hook: str | None = None
+    skip_connection: bool = False  # skip transcoder: an affine W_skip beside the sparse path
     dataset: str = "default"
     context: int = 128
     out: str = "runs/sae"
@@ -141,9 +145,11 @@ class TrainConfig:
     def total_steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
 
-    def sae_config(self, d_in: int, metadata: dict[str, Any]) -> SAEConfig:
+    def sae_config(self, d_in: int, metadata: dict[str, Any], d_out: int | None = None) -> SAEConfig:
         return SAEConfig(
             d_in=d_in,
+            d_out=d_out,
+            skip_connection=self.skip_connection,
             d_sae=self.d_sae or self.expansion * d_in,
             architecture=self.architecture,
             k=self.k,
@@ -213,16 +219,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         # The held-out fraction travels with the SAE so `sae-kit eval` scores the same held-out rows.
         metadata = {**source_metadata(self.source), "heldout_fraction": cfg.heldout_fraction}
-        self.sae: SAE = create_sae(cfg.sae_config(self.source.d_in, metadata))
+        self.sae: SAE = create_sae(cfg.sae_config(self.source.d_in, metadata, getattr(self.source, "d_out", None)))
         n_init = cfg.init_tokens
         if hasattr(self.source, "split"):  # a finite store: at most its whole training split
             n_init = min(n_init, len(self.source.split(cfg.heldout_fraction).train))
         sample = self.source.sample(n_init, seed=cfg.seed, heldout_fraction=cfg.heldout_fraction)
         sample = sample.to(torch.float32)
         self.sae.init_from_data(sample)
-        with torch.no_grad():
-            x_n, _ = self.sae.normalize(sample)
-            self.input_variance = float((x_n - x_n.mean(0)).pow(2).sum(1).mean())
+        self.input_variance = self.sae.loss_scale(sample)
         self.sae.to(self.dist.device).train()
         self.step = 0
         self.plugins.setup(self)
@@ -363,13 +367,22 @@ def source_from_config(cfg: TrainConfig) -> BatchSource:
     """An activation store (``activations``) or a model hook read on the fly (``model`` + ``hook``)."""
     if cfg.activations and cfg.model:
         raise ConfigError("give either --activations (a cached store) or --model/--hook (no cache), not both")
+    if cfg.targets and not cfg.activations:
+        raise ConfigError("--targets (a transcoder's output store) goes with --activations (its input store)")
+    if cfg.target_hook and not cfg.model:
+        raise ConfigError("--target-hook goes with --model/--hook; with cached stores pass --targets")
     if cfg.model:
         if not cfg.hook:
             raise ConfigError("--model needs --hook (e.g. blocks.6.hook_resid_post)")
         from sae_kit.harvest import ModelSource
         from sae_kit.models import load_model
 
-        return ModelSource(load_model(cfg.model), cfg.hook, dataset=cfg.dataset, context=cfg.context)
+        return ModelSource(load_model(cfg.model), cfg.hook, dataset=cfg.dataset, context=cfg.context,
+                           target_hook=cfg.target_hook)
+    if cfg.targets:
+        from sae_kit.store_pair import PairedStore
+
+        return PairedStore(cfg.activations, cfg.targets)
     if not cfg.activations:
         raise ConfigError("no activations: pass --activations DIR (an activation store) or --model and --hook")
     from sae_kit.store import ActivationStore
