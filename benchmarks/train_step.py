@@ -1,7 +1,8 @@
-"""Tokens/s and peak memory of one SAE training step (forward + backward, no optimizer) on CPU.
+"""Tokens/s and peak memory of one SAE training step on CPU: forward + backward alone, and the whole
+step a user waits for (optimizer, clipping, decoder constraint, dead-latent bookkeeping).
 
 Every path runs on the same synthetic activations and settings, interleaved over repeats (median
-time each), so machine load hits them alike:
+time each), so machine load hits them alike. Forward + backward rows:
 
   floor           one dense encoder product (x - b_dec) @ W_enc without autograd: no step with a
                   dense encoder can take less time
@@ -14,10 +15,21 @@ time each), so machine load hits them alike:
   jumprelu        sae-kit's JumpReLU step (mask selection, STE band, quadratic L0 penalty), thresholds
                   placed at L0 = k on the data; matryoshka: Matryoshka BatchTopK (default 4 prefixes)
 
+Whole-step rows (``step/...``), each one optimizer update:
+  step/ours       ``Trainer.train_step`` of a TopK run: Adam, gradient clipping, decoder gradient
+                  projection and renormalisation, dead-latent bookkeeping, plugin hooks, the logged record
+  step/ours+auxk  the same with a quarter of the latents dead (re-marked before every step)
+  step/ARCH       ``Trainer.train_step`` for every registered architecture (against step/ours)
+  step/saelens    SAELens' ``SAETrainer.step`` (Adam, clip 1.0, its firing statistics), without / with AuxK
+  step/sparsify   sparsify's per-step logic from its ``Trainer.fit`` (decoder renorm, forward, fvu +
+                  auxk backward, gradient projection, Adam - its non-default optimizer, for a like
+                  comparison; its default is signum - and its did_fire bookkeeping), without / with AuxK
+
 Peak memory: each path again in a fresh process: the resident-set high-water mark of two steps
 minus the resident set before them (weights and data excluded), in MiB.
 
-    python benchmarks/train_step.py [--latents 16384 24576 --k 32 --tokens 4096 --repeats 3]
+    python benchmarks/train_step.py [--latents 16384 24576 --k 32 --tokens 4096 --repeats 3 --threads 2]
+    python benchmarks/train_step.py --profile step/ours     # torch.profiler table of one path
 """
 from __future__ import annotations
 
@@ -26,6 +38,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -36,6 +49,7 @@ import torch  # noqa: E402
 
 DEAD_FRACTION = 0.25
 COMPARED = ("dense", "saelens", "sparsify")
+STEP = "step/"
 
 
 def synthetic(tokens: int, d_in: int, seed: int) -> torch.Tensor:
@@ -65,7 +79,9 @@ def make_paths(names: list[str], x: torch.Tensor, n: int, k: int, seed: int) -> 
 
     for name in names:
         torch.manual_seed(seed)
-        if name == "floor":
+        if name.startswith(STEP):
+            paths[name] = whole_step_path(name, x, n, k, seed, dead)
+        elif name == "floor":
             W_enc, b_dec = torch.randn(d_in, n) / d_in**0.5, torch.zeros(d_in)
 
             def floor(W_enc=W_enc, b_dec=b_dec) -> None:
@@ -124,6 +140,89 @@ def make_paths(names: list[str], x: torch.Tensor, n: int, k: int, seed: int) -> 
     return paths
 
 
+class InMemorySource:
+    """The trainer's BatchSource over one fixed tensor (every batch is x itself)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.d_in = x, x.shape[1]
+
+    def sample(self, n: int, seed: int = 0, heldout_fraction: float = 0.0) -> torch.Tensor:
+        return self.x[:n]
+
+    def iter_batches(self, batch_size: int, **_):
+        while True:
+            yield self.x[:batch_size]
+
+
+def whole_step_path(name: str, x: torch.Tensor, n: int, k: int, seed: int, dead: torch.Tensor) -> Callable[[], None]:
+    """One whole training step (optimizer update included) of ``step/<what>``."""
+    what = name[len(STEP):]
+    base, auxk = what.split("+")[0], what.endswith("+auxk")
+    d_in = x.shape[1]
+    if base == "saelens":
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=n, k=k, dtype="float32", device="cpu"))
+        trainer = SAETrainer(SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=x.shape[0],
+                                              lr=2e-4, lr_end=2e-4, dead_feature_window=1000),
+                             sae, data_provider=iter(()))
+
+        def saelens_step() -> None:
+            # SAELens counts forward passes since firing; > dead_feature_window marks a latent dead.
+            trainer.n_forward_passes_since_fired[dead] = 10**6 if auxk else 0
+            trainer.step(x)
+
+        return saelens_step
+    if base == "sparsify":
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        coder = SparseCoder(d_in, SparseCoderConfig(num_latents=n, k=k))
+        optimizer = torch.optim.Adam(coder.parameters(), lr=2e-4 / (n / 2**14) ** 0.5)
+        tokens_since_fired = torch.zeros(n, dtype=torch.long)
+        did_fire = torch.zeros(n, dtype=torch.bool)
+
+        def sparsify_step() -> None:  # sparsify.trainer.Trainer.fit, one step, auxk_alpha 1/32
+            if auxk:
+                tokens_since_fired[dead] = 10**8
+            coder.set_decoder_norm_to_unit_norm()
+            mask = tokens_since_fired > 10_000_000 if auxk else None
+            out = coder(x, dead_mask=mask)
+            did_fire[out.latent_indices.flatten()] = True
+            (out.fvu + out.auxk_loss / 32).backward()
+            coder.remove_gradient_parallel_to_decoder_directions()
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                tokens_since_fired.add_(x.shape[0])
+                tokens_since_fired[did_fire] = 0
+                did_fire.zero_()
+
+        return sparsify_step
+    from sae_kit.train.trainer import Trainer, TrainConfig
+
+    architecture = "topk" if base == "ours" else base
+    out = tempfile.mkdtemp(prefix="train_step_bench_")
+    # At the same mean L0 as TopK's k: the architecture's own knob (JumpReLU: its target-L0 penalty).
+    from sae_kit.sae import ARCHITECTURES
+
+    knob = getattr(ARCHITECTURES[architecture], "sparsity_settings", None)
+    settings = {"k": k, **(knob(k) if knob else {})}
+    cfg = TrainConfig(architecture=architecture, d_sae=n, batch_size=x.shape[0], tokens=10**12,
+                      warmup_steps=0, init_tokens=min(x.shape[0], 4096), out=out, progress=False, seed=seed, **settings)
+    trainer = Trainer(cfg, InMemorySource(x), data_parallel=False)
+    threshold = trainer.sae.cfg.dead_tokens_threshold
+
+    def ours_step() -> None:
+        if auxk:
+            trainer.sae.tokens_since_fired[dead] = threshold
+        trainer.train_step(x)
+        trainer.step += 1
+
+    return ours_step
+
+
 def time_paths(paths: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
     for run in paths.values():  # warm-up (and a first update of running statistics)
         run()
@@ -169,23 +268,86 @@ def peak_memory(name: str, args, latents: int) -> float | None:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def ratio_to(reference: str, name: str, median: dict[str, float]) -> str:
+    """``median[ref] / median[name]`` where ref is the matching row of ``reference`` (same AuxK, same kind)."""
+    prefix = STEP if name.startswith(STEP) else ""
+    ref = prefix + reference + ("+auxk" if name.endswith("+auxk") else "")
+    if ref not in median:
+        ref = prefix + reference
+    return f"{median[ref] / median[name]:>12.2f}x" if ref in median else f"{'':>13}"
+
+
 def report(latents: int, args, median: dict[str, float], memory: dict[str, float | None]) -> None:
     B = args.tokens
     print(f"\nd_in={args.d_in} latents={latents} k={args.k} tokens={B} fp32 threads={torch.get_num_threads()} "
-          f"repeats={args.repeats} (forward + backward, median)")
-    header = f"{'path':<16}{'s/step':>8}{'tokens/s':>10}{'of floor':>9}" + "".join(f"{'vs ' + c:>13}" for c in COMPARED)
-    print(header + f"{'peak MiB':>10}")
-    for name, t in median.items():
-        row = f"{name:<16}{t:>8.3f}{B / t:>10.0f}{median['floor'] / t:>9.2f}"
-        for ref in COMPARED:
-            same = ref + "+auxk" if name.endswith("+auxk") and ref + "+auxk" in median else ref
-            row += f"{median[same] / t:>12.2f}x" if same in median else f"{'':>13}"
-        mem = memory.get(name)
-        print(row + (f"{mem:>10.0f}" if mem is not None else f"{'':>10}"))
+          f"repeats={args.repeats} (median of interleaved repeats; floor = the dense encoder product alone)")
+    for title, rows in (("forward + backward", [n for n in median if not n.startswith(STEP)]),
+                        ("whole step (optimizer update included)", ["floor"] + [n for n in median if n.startswith(STEP)])):
+        if len(rows) < 2 and title.startswith("whole"):
+            continue
+        print(f"\n{title}")
+        header = f"{'path':<24}{'s/step':>8}{'tokens/s':>10}{'of floor':>9}" + "".join(f"{'vs ' + c:>13}" for c in COMPARED)
+        print(header + f"{'peak MiB':>10}")
+        for name in rows:
+            t = median[name]
+            row = f"{name:<24}{t:>8.3f}{B / t:>10.0f}{median['floor'] / t:>9.2f}"
+            row += "".join(ratio_to(ref, name, median) for ref in COMPARED)
+            mem = memory.get(name)
+            print(row + (f"{mem:>10.0f}" if mem is not None else f"{'':>10}"))
     if "ours" in median:
         print("selection rules against our TopK step (time ratio, target <= 1.3):",
-              ", ".join(f"{n} {median[n] / median['ours']:.2f}" for n in ("batchtopk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka")
-                         if n in median))
+              ", ".join(f"{n} {median[n] / median['ours']:.2f}" for n in ("batchtopk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka") if n in median))
+    ours = STEP + "ours"
+    if ours in median:
+        floor = median["floor"]
+        print(f"whole step of the floor: TopK {floor / median[ours]:.2f} (target >= 0.8)"
+              + (f", TopK+AuxK at {DEAD_FRACTION:.0%} dead {floor / median[ours + '+auxk']:.2f} (target >= 0.6)"
+                 if ours + "+auxk" in median else ""))
+        others = [n for n in median if n.startswith(STEP) and n[len(STEP):].split("+")[0] not in ("ours", "saelens", "sparsify")]
+        if others:
+            print("architectures' whole step against our TopK step (time ratio, target <= 1.3):",
+                  ", ".join(f"{n[len(STEP):]} {median[n] / median[ours]:.2f}" for n in others))
+        if memory.get(ours) is not None and memory.get(STEP + "sparsify") is not None:
+            print(f"whole-step peak memory: ours {memory[ours]:.0f} MiB, sparsify {memory[STEP + 'sparsify']:.0f} MiB "
+                  "(target: ours <= sparsify)")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def load_average() -> str:
+    return "{:.2f} {:.2f} {:.2f} (1, 5, 15 min)".format(*os.getloadavg())
+
+
+def default_paths() -> list[str]:
+    from sae_kit.sae import ARCHITECTURES
+
+    forward_backward = ["floor", "dense", "ours", "ours+auxk", "saelens", "saelens+auxk", "sparsify", "sparsify+auxk",
+                        "batchtopk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka"]
+    whole = ["ours", "ours+auxk", "saelens", "saelens+auxk", "sparsify", "sparsify+auxk"]
+    whole += sorted(a for a in ARCHITECTURES if a != "topk")
+    return forward_backward + [STEP + name for name in whole]
+
+
+def profile_path(args) -> None:
+    """torch.profiler's table of one path's steps (after a warm-up step), by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = synthetic(args.tokens, args.d_in, args.seed)
+    run = make_paths([args.profile], x, args.latents[0], args.k, args.seed)[args.profile]
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.repeats):
+            run()
+    print(f"profile of {args.profile}: {args.repeats} steps, latents={args.latents[0]}, threads={torch.get_num_threads()}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def main() -> None:
@@ -197,9 +359,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--paths", nargs="+", default=["floor", "dense", "ours", "ours+auxk", "saelens", "saelens+auxk",
-                                                       "sparsify", "sparsify+auxk", "batchtopk", "mutual_choice",
-                                                       "feature_choice"])
+    parser.add_argument("--paths", nargs="+", default=None,
+                        help="paths to time (default: every forward + backward path and every whole step, step/...)")
+    parser.add_argument("--profile", metavar="PATH", help="print torch.profiler's table of one path instead")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-path peak-memory processes")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -208,15 +370,21 @@ def main() -> None:
     if args.memory_probe:
         probe_memory(args)
         return
+    if args.profile:
+        profile_path(args)
+        return
+    args.paths = args.paths or default_paths()
     if "floor" not in args.paths:
         args.paths.insert(0, "floor")
-    print(f"load average before: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs")
+    print(f"machine: {machine()}")
+    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(f"load average before: {load_average()}")
     for latents in args.latents:
         x = synthetic(args.tokens, args.d_in, args.seed)
         median = time_paths(make_paths(args.paths, x, latents, args.k, args.seed), args.repeats)
         memory = {} if args.no_memory else {name: peak_memory(name, args, latents) for name in args.paths}
         report(latents, args, median, memory)
-    print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,22 @@ function showError(target, error) {
 
 // Every page works on one SAE, named in the URL (?sae=...) and picked in the header.
 async function pickSae(onChange) {
-  const saes = await api("/api/saes");
+  const listed = await api("/api/saes");
+  // SAE folders the server could not serve come last, each with its problem: shown, not pickable.
+  const saes = listed.filter(s => s.served !== false);
+  const broken = listed.filter(s => s.served === false);
   const select = document.getElementById("sae");
   for (const sae of saes) {
     select.append(el("option", {value: sae.id, text: `${sae.id} (${sae.d_sae} features, ${sae.hook})`}));
+  }
+  for (const sae of broken) {
+    select.append(el("option", {value: sae.id, disabled: "", title: sae.problem, text: `${sae.id} (not served)`}));
+  }
+  if (broken.length) {
+    const notice = el("div", {class: "error broken-saes"},
+      el("div", {text: `${broken.length} SAE folder(s) cannot be served:`}),
+      ...broken.map(sae => el("div", {text: `${sae.id}: ${sae.problem}`})));
+    (document.querySelector("main") || document.body).prepend(notice);
   }
   const wanted = params.get("sae");
   const analysed = saes.find(s => s.analysed);
@@ -78,4 +90,26 @@ function fmt(value, digits = 3) {
 
 function percent(value) {
   return value < 1e-4 && value > 0 ? `${(100 * value).toExponential(1)}%` : `${(100 * value).toFixed(3)}%`;
+}
+
+// Explanations next to feature ids: one request for many ids; a Map index -> {explanation, score}.
+async function explanationsFor(saeId, ids) {
+  const unique = [...new Set(ids)].filter(i => Number.isInteger(i) && i >= 0);
+  if (!unique.length) return new Map();
+  try {
+    const rows = await api(`/api/saes/${encodeURIComponent(saeId)}/explanations?ids=${unique.slice(0, 500).join(",")}`);
+    return new Map(rows.map(r => [r.index, r]));
+  } catch (error) { return new Map(); }  // an unanalysed SAE: ids stay bare
+}
+
+// Mean detection/fuzzing balanced accuracy: 0.5 is chance.
+function scoreBadge(score) {
+  if (score === null || score === undefined) return el("span", {class: "score none", text: "unscored", title: "not scored"});
+  const level = score >= 0.75 ? "good" : score >= 0.6 ? "fair" : "poor";
+  return el("span", {class: `score ${level}`, text: score.toFixed(2), title: "mean balanced accuracy of detection and fuzzing (chance 0.50)"});
+}
+
+function explanationNote(entry) {
+  if (!entry || !entry.explanation) return el("span", {class: "expl muted", text: "no explanation yet"});
+  return el("span", {class: "expl"}, el("span", {text: entry.explanation + " "}), scoreBadge(entry.score));
 }

@@ -14,7 +14,31 @@ function bindTokenBox() {
   box.addEventListener("change", () => localStorage.setItem("saeKitToken", box.value.trim()));
 }
 
+// A browse-only server (sae-kit demo, sae-kit serve --max-runs 0) has no /api/runs: ask once, and
+// say so instead of calling routes that are not there.
+let serverInfo = null;
+async function serverTrains() {
+  serverInfo = serverInfo || api("/api/server");
+  return (await serverInfo).trains;
+}
+
+function showBrowseOnly() {
+  const main = document.querySelector("main");
+  if (main.dataset.browseOnly) return;
+  main.dataset.browseOnly = "1";
+  main.replaceChildren(el("h1", {text: "Training"}), el("div", {class: "card", id: "browse-only"},
+    el("p", {}, el("b", {text: "This server only browses features: it does not train."})),
+    el("p", {text: "It was started without training runs (sae-kit demo and sae-kit serve --max-runs 0 serve read-only). " +
+                   "To start, watch and compare training runs from the browser, start a server that trains, for example:"}),
+    el("pre", {class: "config", text: "sae-kit serve FOLDER            # trains one run at a time (the default)\nsae-kit serve FOLDER --max-runs 2"}),
+    el("p", {class: "muted", text: "Runs are kept under FOLDER/runs; set SAE_KIT_API_TOKEN to require a token."})));
+}
+
 async function runApi(path, body) {
+  if (!(await serverTrains())) {
+    showBrowseOnly();
+    throw new Error("this server does not train");
+  }
   const options = {headers: authHeaders()};
   if (body !== undefined) {
     options.method = "POST";

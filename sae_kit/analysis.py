@@ -44,6 +44,12 @@ class AnalyzeConfig:
     quantiles: int = 4
     quantile_examples: int = 3
     example_radius: int = 8  # tokens of context on each side of an example's token
+    # For `sae-kit explain` (not shown by the browser): held-out positives across the quantiles, in
+    # windows none of the shown examples use (the scoring set), and windows where the feature is
+    # silent: random ones and ones where a neighbouring feature (by decoder cosine) fires.
+    heldout_examples: int = 16
+    random_negatives: int = 8
+    contrast_negatives: int = 8
     histogram_bins: int = 32
     logit_tokens: int = 10
     neighbours: int = 10
@@ -56,7 +62,8 @@ class AnalyzeConfig:
                      "logit_tokens", "neighbours", "feature_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("quantile_examples", "example_radius"):
+        for name in ("quantile_examples", "example_radius", "heldout_examples", "random_negatives",
+                     "contrast_negatives"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -172,6 +179,7 @@ def _write_store(path: Path, meta: dict, sae, model, cfg: AnalyzeConfig, windows
     starts = np.concatenate([[0], np.cumsum(counts)])
     directions = sae.decoder_directions()
     unembed = _unembedding(model)
+    kept_rows = np.nonzero(values.any(axis=1))[0]  # positions not skipped (BOS has no codes)
 
     bar = tqdm(total=d_sae, unit="feat", desc="features", disable=not cfg.progress)
     for first in range(0, d_sae, cfg.feature_chunk):
@@ -184,7 +192,10 @@ def _write_store(path: Path, meta: dict, sae, model, cfg: AnalyzeConfig, windows
             segment = slice(starts[feature], starts[feature + 1])
             f_rows, f_acts = rows[segment], acts[segment]
             examples = list(_examples(feature, f_rows, f_acts, indices, values, context, cfg))
+            shown_windows = {e[4] for e in examples}
             example_rows += examples
+            example_rows += _scoring_examples(feature, f_rows, f_acts, shown_windows, neighbours[offset], rows,
+                                              acts, starts, kept_rows, indices, values, context, cfg)
             top_tokens = dict.fromkeys(tokenizer.decode([int(windows[e[4], e[6]])]).strip()
                                        for e in examples if e[1] == "top")
             hist_min = float(f_acts.min()) if f_acts.size else 0.0
@@ -226,6 +237,72 @@ def _examples(feature: int, rows: np.ndarray, acts: np.ndarray, indices: np.ndar
         chosen = generator.choice(members, size=min(cfg.quantile_examples, members.size), replace=False)
         for rank, i in enumerate(sorted(chosen, key=lambda j: -acts[j])):
             yield _example(feature, "quantile", q, rank, int(rows[i]), indices, values, context, cfg.example_radius)
+
+
+def _scoring_examples(feature: int, f_rows: np.ndarray, f_acts: np.ndarray, shown_windows: set[int],
+                      neighbours: list, rows: np.ndarray, acts: np.ndarray, starts: np.ndarray,
+                      kept_rows: np.ndarray, indices: np.ndarray, values: np.ndarray, context: int,
+                      cfg: AnalyzeConfig) -> list[tuple]:
+    """The examples ``sae-kit explain`` scores with, none in a window the browser shows for this feature:
+    ``heldout`` positives (bin = activation quantile, 0 lowest, one per window), ``random`` windows and
+    ``contrast`` windows (bin = the neighbour that fires there) where this feature is silent on the whole excerpt."""
+    if f_rows.size == 0:
+        return []
+    generator = np.random.default_rng(derive_seed("analysis-scoring", cfg.seed, feature))
+    used = set(shown_windows)
+    out: list[tuple] = []
+    if cfg.heldout_examples:
+        ascending = np.argsort(f_acts, kind="stable")
+        bins = np.array_split(ascending, cfg.quantiles)
+        quota = np.diff(np.linspace(0, cfg.heldout_examples, cfg.quantiles + 1).round().astype(int))
+        for q, (members, wanted) in enumerate(zip(bins, quota)):
+            chosen = []
+            for i in generator.permutation(members):
+                window = int(f_rows[i]) // context
+                if window not in used:
+                    used.add(window)
+                    chosen.append(int(i))
+                    if len(chosen) == wanted:
+                        break
+            for rank, i in enumerate(sorted(chosen, key=lambda j: -f_acts[j])):
+                out.append(_example(feature, "heldout", q, rank, int(f_rows[i]), indices, values, context,
+                                    cfg.example_radius))
+
+    def silent(row: int) -> tuple | None:
+        example = _example(feature, "", 0, 0, row, indices, values, context, cfg.example_radius)
+        return example if not example[8].any() and example[4] not in used else None
+
+    rank = 0
+    for _ in range(cfg.random_negatives * 8):  # a dense feature leaves few silent windows: bounded tries
+        if rank == cfg.random_negatives or kept_rows.size == 0:
+            break
+        example = silent(int(kept_rows[generator.integers(kept_rows.size)]))
+        if example is not None:
+            used.add(example[4])
+            out.append((feature, "random", 0, rank, *example[4:]))
+            rank += 1
+    # Contrast: each neighbour's strongest firings (one per window) where this feature is silent, round robin.
+    candidates = []
+    for neighbour, _cosine in neighbours:
+        segment = slice(starts[neighbour], starts[neighbour + 1])
+        n_rows = rows[segment][np.argsort(-acts[segment], kind="stable")]
+        candidates.append((int(neighbour), iter(n_rows[:64])))
+    rank = 0
+    while candidates and rank < cfg.contrast_negatives:
+        for entry in list(candidates):
+            neighbour, remaining = entry
+            for row in remaining:
+                example = silent(int(row))
+                if example is not None:
+                    used.add(example[4])
+                    out.append((feature, "contrast", neighbour, rank, *example[4:]))
+                    rank += 1
+                    break
+            else:
+                candidates.remove(entry)
+            if rank == cfg.contrast_negatives:
+                break
+    return out
 
 
 def _example(feature: int, kind: str, bin_: int, rank: int, row: int, indices: np.ndarray, values: np.ndarray,

@@ -9,95 +9,43 @@ from pathlib import Path
 
 from sae_kit.config import ConfigError, load_config_file, parse_key_values
 
-# Flags that map one-to-one onto TrainConfig fields (dest name = field name).
-TRAIN_FLAGS = {
-    "activations": dict(action="append", help="activation store folder (from `sae-kit harvest` or `sae-kit store synth`); "
-                        "repeat it to train one SAE per store into OUT/<store name>, spread over torchrun's ranks"),
-    "model": dict(help="train straight from this model's activations, without a cache (with --hook)"),
-    "hook": dict(help="hook name for --model, e.g. blocks.6.hook_resid_post"),
-    "targets": dict(help="transcoder: the output hook's store, harvested with --activations' hook in one run "
-                    "(e.g. blocks.6.hook_mlp_out beside blocks.6.ln2.hook_normalized)"),
-    "target_hook": dict(help="transcoder from --model: the output hook to predict (e.g. blocks.6.hook_mlp_out)"),
-    "skip_connection": dict(action="store_true", help="skip transcoder: train an affine W_skip too"),
-    "dataset": dict(help="text dataset for --model: 'default', a local file/folder, or a hub name"),
-    "context": dict(type=int, help="tokens per context window for --model"),
-    "out": dict(help="run folder (checkpoints, metrics, report, final SAE)"),
-    "architecture": dict(flags=("--arch", "--architecture"), help="SAE architecture"),
-    "k": dict(type=int, help="active latents per token (TopK family; budget k·B for batch-level rules)"),
-    "target_l0": dict(type=int, help="train at about this mean L0: sets the architecture's own knob (k, or "
-                      "JumpReLU's quadratic L0 penalty around the target)"),
-    "expansion": dict(type=int, help="d_sae = expansion × d_in"),
-    "d_sae": dict(type=int, help="number of latents (overrides --expansion)"),
-    "normalize_activations": dict(flags=("--normalize",), choices=("none", "unit_norm", "layer_norm"),
-                                  help="input normalisation (default: the architecture's)"),
-    "lr": dict(type=float, help="Adam learning rate (default: the architecture's, 2e-4/sqrt(d_sae/2^14) for TopK)"),
-    "batch_size": dict(type=int, help="tokens per step"),
-    "tokens": dict(type=int, help="training tokens in total"),
-    "warmup_steps": dict(type=int, help="linear learning-rate warm-up steps"),
-    "decay_fraction": dict(type=float, help="final fraction of steps with linear decay to 0"),
-    "grad_clip": dict(type=float, help="gradient-norm clip (0 disables)"),
-    "dead_tokens_threshold": dict(type=int, help="a latent is dead after this many tokens without firing"),
-    "aux_coefficient": dict(type=float, help="weight of the dead-latent auxiliary loss"),
-    "k_aux": dict(type=int, help="latents in the auxiliary loss (default d_in/2)"),
-    "heldout_fraction": dict(type=float, help="fraction of the store held out for evaluation"),
-    "eval_every": dict(type=int, help="held-out evaluation every N steps"),
-    "eval_tokens": dict(type=int, help="held-out tokens per evaluation"),
-    "log_every": dict(type=int, help="training metrics every N steps"),
-    "checkpoint_every": dict(type=int, help="checkpoint every N steps"),
-    "seed": dict(type=int, help="random seed (initialisation and data order)"),
-    "threads": dict(type=int, help="torch CPU threads"),
-}
-
-
 def add_train_parser(sub) -> None:
-    from sae_kit.sae import ARCHITECTURES
+    from sae_kit.config import TrainConfig, add_arguments
 
     p = sub.add_parser("train", help="train an SAE on cached activations or straight from a model",
                        description="Train an SAE. Settings come from --config (YAML/JSON), then flags override them.")
     p.add_argument("--config", help="YAML or JSON file with TrainConfig settings")
-    for dest, spec in TRAIN_FLAGS.items():
-        spec = dict(spec)
-        flags = spec.pop("flags", (f"--{dest.replace('_', '-')}",))
-        if dest == "architecture":
-            spec["choices"] = sorted(ARCHITECTURES)
-        p.add_argument(*flags, dest=dest, default=None, **spec)
+    add_arguments(p, TrainConfig)
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="architecture option, repeatable (e.g. --opt selection=batch for abstopk)")
     p.add_argument("--plugin", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="enable a training plugin, repeatable, in hook order (list them with `sae-kit plugins`)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def train_config_from_args(args) -> "TrainConfig":
-    from sae_kit.train.trainer import TrainConfig
+    from sae_kit.config import TrainConfig, args_to_settings
 
     settings = load_config_file(args.config) if args.config else {}
-    for dest in TRAIN_FLAGS:
-        value = getattr(args, dest)
-        if value is not None:
-            settings[dest] = value
+    settings.update(args_to_settings(TrainConfig, args))
     if isinstance(settings.get("activations"), list) and len(settings["activations"]) == 1:
         settings["activations"] = settings["activations"][0]
     if args.opt:
         settings["options"] = {**settings.get("options", {}), **parse_key_values(args.opt)}
     if getattr(args, "plugin", None):
-        from sae_kit.plugins.api import merge_plugin_specs
+        from sae_kit.train.plugin_set import merge_plugin_specs
 
         settings["plugins"] = merge_plugin_specs(settings.get("plugins"), args.plugin)
-    if settings.get("grad_clip") == 0:
-        settings["grad_clip"] = None
-    if args.no_progress:
-        settings["progress"] = False
     return TrainConfig.from_dict(settings)
 
 
 def cmd_train(args) -> int:
     from sae_kit.train.trainer import TrainConfig, train
 
-    if args.resume and not args.config and (Path(args.out or TrainConfig.out) / "config.json").is_file():
+    out = getattr(args, "out", TrainConfig.out)
+    if args.resume and not args.config and (Path(out) / "config.json").is_file():
         # A resumed run keeps its original settings; flags given now still override them.
-        args.config = str(Path(args.out or TrainConfig.out) / "config.json")
+        args.config = str(Path(out) / "config.json")
     cfg = train_config_from_args(args)
     if isinstance(cfg.activations, list):
         from sae_kit.train.spread import train_spread
@@ -157,27 +105,20 @@ def cmd_eval(args) -> int:
 
 
 def cmd_harvest(args) -> int:
-    import torch
-
+    from sae_kit.config import args_to_settings
     from sae_kit.harvest import HarvestConfig, harvest
 
-    cfg = HarvestConfig(out=args.out, hooks=args.hook, model=args.model, dataset=args.dataset, split=args.split,
-                        column=args.column, tokens=args.tokens, context=args.context, batch_size=args.batch_size,
-                        prepend_bos=not args.no_bos, skip_bos=not args.keep_bos, dtype=args.dtype,
-                        shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress,
-                        part=args.part, parts=args.parts)
+    cfg = HarvestConfig(**args_to_settings(HarvestConfig, args))
     for hook, store in harvest(cfg).items():
         print(f"{hook}: {store.n_tokens} rows of d_in={store.d_in} ({store.dtype}) in {store.directory}")
     return 0
 
 
 def cmd_demo(args) -> int:
+    from sae_kit.config import args_to_settings
     from sae_kit.demo import DemoConfig, format_summary, run_demo
 
-    cfg = DemoConfig(out=args.out, model=args.model, layer=args.layer, dataset=args.dataset, tokens=args.tokens,
-                     context=args.context, expansion=args.expansion, k=args.k, batch_size=args.batch_size,
-                     epochs=args.epochs, eval_tokens=args.eval_tokens, analyze_tokens=args.analyze_tokens,
-                     threads=args.threads, progress=not args.no_progress)
+    cfg = DemoConfig(**args_to_settings(DemoConfig, args))
     summary = run_demo(cfg)
     print(format_summary(summary))
     print(f"everything is in {cfg.out} (summary.json, train/report.html, train/sae/features.sqlite)")
@@ -186,7 +127,7 @@ def cmd_demo(args) -> int:
         return 0
     from sae_kit.server.app import run
 
-    run(cfg.out, host=args.host, port=args.port, threads=args.threads)
+    run(cfg.out, host=args.host, port=args.port, threads=cfg.threads)
     return 0
 
 
@@ -239,7 +180,7 @@ def cmd_store_join(args) -> int:
 
 
 def cmd_bench_synthetic(args) -> int:
-    from sae_kit.eval.bench import format_table, run_synthetic_benchmark
+    from sae_kit.experiments.bench import format_table, run_synthetic_benchmark
 
     rows = run_synthetic_benchmark(datasets=args.dataset, architectures=args.arch, seed=args.seed,
                                    steps_scale=args.steps_scale, progress=not args.no_progress)
@@ -274,12 +215,10 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from sae_kit.plugins.ablate import AblationSettings, format_result, run_ablation, write_result
+    from sae_kit.config import args_to_settings
+    from sae_kit.experiments.ablate import AblationSettings, format_result, run_ablation, write_result
 
-    settings = AblationSettings(plugin=args.plugin, arch=args.arch, data=args.data, seeds=args.seeds,
-                                dataset=args.dataset, d_in=args.d_in, features=args.features, d_sae=args.d_sae,
-                                k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                dead_tokens=args.dead_tokens, eval_tokens=args.eval_tokens, threads=args.threads)
+    settings = AblationSettings(**args_to_settings(AblationSettings, args))
     result = run_ablation(settings, progress=not args.no_progress)
     print(format_result(result))
     target = args.json or f"ablations/{result['plugin']}-{settings.arch}.json"
@@ -289,7 +228,7 @@ def cmd_ablate(args) -> int:
 
 def cmd_ablate_table(args) -> int:
     from sae_kit.fileio import atomic_write
-    from sae_kit.plugins.docs import load_results, render
+    from sae_kit.experiments.docs import load_results, render
 
     text = render(load_results(args.results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -349,47 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-runs", type=int, default=1,
                    help="training runs started from the API/UI that train at once, under ROOT/runs (0: no training)")
 
-    p = sub.add_parser("harvest", help="cache a model's activations at one or more hooks")
-    p.add_argument("--model", default="smollm2", help="smollm2 (embedded default), gpt2..., or a local HF model folder")
-    p.add_argument("--hook", action="append", required=True, help="transformer-lens hook name, repeatable")
-    p.add_argument("--dataset", default="default", help="'default' (bundled corpus), a local file/folder, or a hub name")
-    p.add_argument("--split", default="train")
-    p.add_argument("--column", default="text", help="text column of jsonl/parquet/hub datasets")
-    p.add_argument("--tokens", type=int, required=True, help="activation rows per hook")
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8, help="context windows per forward pass")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--shard-tokens", type=int, default=65_536)
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to each window")
-    p.add_argument("--keep-bos", action="store_true", help="keep the BOS position's activations")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="folder: one store per hook in OUT/<hook>/")
-    p.add_argument("--part", type=int, default=0, help="parallel harvest: this job's part, 0..PARTS-1")
-    p.add_argument("--parts", type=int, default=1,
-                   help="parallel harvest: split the --tokens rows into PARTS contiguous parts (join them with `store join`)")
-
+    from sae_kit.config import add_arguments
     from sae_kit.demo import DemoConfig
+    from sae_kit.harvest import HarvestConfig
 
-    d = DemoConfig()
+    p = sub.add_parser("harvest", help="cache a model's activations at one or more hooks")
+    add_arguments(p, HarvestConfig)
+
     p = sub.add_parser("demo", help="harvest -> train -> evaluate on the embedded defaults (SmolLM2, bundled corpus)")
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--layer", type=int, default=None, help="block to harvest (default: the middle one)")
-    p.add_argument("--dataset", default=d.dataset)
-    p.add_argument("--tokens", type=int, default=d.tokens, help="activation rows to harvest")
-    p.add_argument("--context", type=int, default=d.context)
-    p.add_argument("--expansion", type=int, default=d.expansion)
-    p.add_argument("--k", type=int, default=d.k)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training passes over the harvested rows")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out text tokens for CE-loss recovered")
-    p.add_argument("--analyze-tokens", type=int, default=d.analyze_tokens, help="held-out text tokens for feature analysis")
+    add_arguments(p, DemoConfig)
     p.add_argument("--no-serve", action="store_true", help="stop after the analysis instead of serving the browser")
     p.add_argument("--host", default="127.0.0.1", help="where to serve the feature browser")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
 
     store = sub.add_parser("store", help="activation-store utilities").add_subparsers(dest="store_command", required=True)
     p = store.add_parser("synth", help="write a store of planted-feature activations")
@@ -408,27 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="list the training plugins and their options")
 
-    from sae_kit.plugins.ablate import AblationSettings
+    from sae_kit.experiments.ablate import AblationSettings
 
-    a = AblationSettings(plugin="")
     p = sub.add_parser("ablate", help="train the baseline and the baseline with a plugin on the same data and seeds",
                        description="Compare the baseline with baseline+plugin over seeds on the metric the plugin "
                                    "is meant to move; writes a JSON result for `sae-kit ablate-table`.")
-    p.add_argument("--plugin", required=True, metavar="NAME[:KEY=VALUE,...]")
-    p.add_argument("--arch", default=a.arch, choices=sorted(ARCHITECTURES))
-    p.add_argument("--data", default=a.data, help="'synthetic' (planted features) or an activation store folder")
-    p.add_argument("--seeds", type=int, default=a.seeds)
-    p.add_argument("--dataset", default=None, choices=DATASET_NAMES, help="planted set (default: the plugin's)")
-    p.add_argument("--d-in", type=int, default=a.d_in, help="synthetic activation width")
-    p.add_argument("--features", type=int, default=a.features, help="synthetic planted features")
-    p.add_argument("--d-sae", type=int, default=a.d_sae)
-    p.add_argument("--k", type=int, default=a.k)
-    p.add_argument("--steps", type=int, default=a.steps)
-    p.add_argument("--batch-size", type=int, default=a.batch_size)
-    p.add_argument("--lr", type=float, default=a.lr)
-    p.add_argument("--dead-tokens", type=int, default=a.dead_tokens, help="dead-latent threshold in tokens")
-    p.add_argument("--eval-tokens", type=int, default=a.eval_tokens)
-    p.add_argument("--threads", type=int, default=None)
+    add_arguments(p, AblationSettings)
     p.add_argument("--json", help="result file (default: ablations/<plugin>-<arch>.json)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -445,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the table's rows as JSON")
     p.add_argument("--no-progress", action="store_true")
 
+    from sae_kit.explain.cli import add_parser as add_explain_parser
+
+    add_explain_parser(sub)
+
     from sae_kit.interop.commands import add_parsers as add_interop_parsers
 
     add_interop_parsers(sub)
@@ -457,6 +356,7 @@ COMMANDS = {
     ("harvest",): cmd_harvest,
     ("demo",): cmd_demo,
     ("analyze",): cmd_analyze,
+    ("explain",): lambda args: __import__("sae_kit.explain.cli", fromlist=["command"]).command(args),
     ("serve",): cmd_serve,
     ("store", "synth"): cmd_store_synth,
     ("store", "join"): cmd_store_join,

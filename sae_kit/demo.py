@@ -18,28 +18,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sae_kit.config import ConfigError
+from sae_kit.config import ConfigError, setting
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    model: str = "smollm2"
-    layer: int | None = None  # None: the middle block
-    hook_point: str = "hook_resid_post"
-    dataset: str = "default"
-    tokens: int = 200_000  # harvested activation rows
-    context: int = 128
-    expansion: int = 8
-    k: int = 32
-    batch_size: int = 1024
-    epochs: int = 2  # passes of the trainer over the harvested rows
-    lr: float | None = None
-    eval_tokens: int = 8192  # tokens of held-out text for the in-model evaluation
-    analyze_tokens: int = 32_768  # token positions of held-out text for the feature analysis
-    threads: int | None = None
-    seed: int = 0
-    progress: bool = True
+    out: str = setting("runs/demo", "output folder (activations/, train/, summary.json)")
+    model: str = setting("smollm2", "model to harvest")
+    layer: int | None = setting(None, "block to harvest (default: the middle one)")
+    hook_point: str = setting("hook_resid_post", "hook within the block")
+    dataset: str = setting("default", "'default' (bundled corpus), a local file/folder, or a hub name")
+    tokens: int = setting(200_000, "activation rows to harvest")
+    context: int = setting(128, "tokens per context window")
+    expansion: int = setting(8, "d_sae = expansion × d_in")
+    k: int = setting(32, "active latents per token")
+    batch_size: int = setting(1024, "tokens per training step")
+    epochs: int = setting(2, "training passes over the harvested rows")
+    lr: float | None = setting(None, "learning rate (default: the architecture's)")
+    eval_tokens: int = setting(8192, "held-out text tokens for CE-loss recovered")
+    analyze_tokens: int = setting(32_768, "held-out text tokens for feature analysis")
+    threads: int | None = setting(None, "torch CPU threads")
+    seed: int = setting(0, "random seed")
+    progress: bool = setting(True, "hide the progress bar", flags=("--no-progress",))
 
     def __post_init__(self) -> None:
         for name in ("tokens", "context", "expansion", "k", "batch_size", "epochs", "eval_tokens", "analyze_tokens"):

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from sae_kit.config import ConfigError
+from sae_kit.config import DTYPES, ConfigError, setting
 from sae_kit.seeding import derived_generator
 from sae_kit.store import ActivationStore, ActivationStoreWriter
 from sae_kit.text import batched_windows, iter_texts, skip_positions_mask, token_windows
@@ -30,25 +30,29 @@ from sae_kit.text import batched_windows, iter_texts, skip_positions_mask, token
 
 @dataclass
 class HarvestConfig:
-    out: str
-    hooks: list[str] = field(default_factory=list)
-    model: str = "smollm2"
-    dataset: str = "default"
-    split: str = "train"
-    column: str = "text"
-    tokens: int = 1_000_000  # activation rows per hook
-    context: int = 128
-    batch_size: int = 8  # windows per forward pass
-    prepend_bos: bool = True
-    skip_bos: bool = True
-    dtype: str = "float32"
-    shard_tokens: int = 65_536
-    threads: int | None = None
-    progress: bool = True
+    """The settings of ``sae-kit harvest`` (its flags are generated from these fields)."""
+
+    out: str = setting(help="folder: one store per hook in OUT/<hook>/")
+    hooks: list[str] = setting(factory=list, help="transformer-lens hook name, repeatable", flags=("--hook",),
+                               required=True)
+    model: str = setting("smollm2", "smollm2 (embedded default), gpt2..., or a local HF model folder")
+    dataset: str = setting("default", "'default' (bundled corpus), a local file/folder, or a hub name")
+    split: str = setting("train", "dataset split")
+    column: str = setting("text", "text column of jsonl/parquet/hub datasets")
+    tokens: int = setting(1_000_000, "activation rows per hook", required=True)
+    context: int = setting(128, "tokens per context window")
+    batch_size: int = setting(8, "context windows per forward pass")
+    prepend_bos: bool = setting(True, "do not prepend BOS to each window", flags=("--no-bos",))
+    skip_bos: bool = setting(True, "keep the BOS position's activations", flags=("--keep-bos",))
+    dtype: str = setting("float32", "storage dtype", choices=DTYPES)
+    shard_tokens: int = setting(65_536, "rows per shard file")
+    threads: int | None = setting(None, "torch CPU threads")
+    progress: bool = setting(True, "hide the progress bar", flags=("--no-progress",))
     # Parallel harvest: part i of n writes rows [i·tokens/n, (i+1)·tokens/n) of the full harvest;
     # `sae-kit store join` then makes one store of the parts' shards (see store_join.py).
-    part: int = 0
-    parts: int = 1
+    part: int = setting(0, "parallel harvest: this job's part, 0..PARTS-1")
+    parts: int = setting(1, "parallel harvest: split the --tokens rows into PARTS contiguous parts "
+                            "(join them with `store join`)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.part < self.parts:

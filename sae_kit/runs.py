@@ -27,12 +27,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-from sae_kit.config import ConfigError, parse_options
+from sae_kit.config import ConfigError, check_text, check_types
+from sae_kit.config import options_schema as config_options_schema
 from sae_kit.fileio import atomic_write
+from sae_kit.sae_folders import is_model_path, sae_id, synthetic_dataset
 from sae_kit.train.trainer import METRICS_FILE, TrainConfig, source_from_config
 
 RUNS_DIR = "runs"
@@ -56,17 +58,58 @@ CREATE TABLE IF NOT EXISTS runs (
 
 # ------------------------------------------------------------------ validation
 def confined(root: Path, value: str, what: str) -> Path:
-    """``value`` (relative to the data folder, or absolute) as a resolved path that must stay inside ``root``."""
+    """``value`` (relative to the data folder, or absolute) as a resolved path that must stay inside ``root``.
+
+    Links are followed (a link out of the folder is outside it); ``~`` is not expanded by the server
+    and is refused rather than read as a folder named "~" that the child would expand."""
+    check_text(value, what)
+    if value.startswith("~"):
+        raise ConfigError(f"{what} {value!r} is outside the server's data folder (the server does not expand "
+                          "'~'); give a path inside the data folder")
     path = (root / value).resolve()
     if not path.is_relative_to(root):
         raise ConfigError(f"{what} {value!r} is outside the server's data folder; give a path inside it")
     return path
 
 
-def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
-    """A TrainConfig for a run writing to ``out``, from a request's mapping; ConfigError says what is wrong."""
-    from pydantic import TypeAdapter, ValidationError
+def confine_setting(root: Path, kind: str, value: str, what: str, keyword: Any = None) -> str:
+    """A path-like setting (``kind`` as in ``plugins.api.PATH_KINDS``) checked and resolved inside ``root``;
+    keywords ("auto", "default", "" for "the run's") and model names pass unchanged."""
+    check_text(value, what)
+    if value == keyword or (kind == "model" and not is_model_path(value, root)):
+        return value
+    parts = value.split("+") if kind == "stores" else [value]
+    resolved = []
+    for part in parts:
+        if kind == "stores" and part == "":
+            continue
+        path = confined(root, part, what)
+        if not path.exists():
+            raise ConfigError(f"{what} {part!r} does not exist in the server's data folder")
+        resolved.append(str(path))
+    return "+".join(resolved)
 
+
+def confine_plugin_paths(specs: Any, root: Path) -> list[dict[str, Any]]:
+    """Every plugin option declared as a path (``option(path=...)``) confined to ``root``, in place of its value."""
+    from sae_kit.plugins.api import get_plugin, path_options
+    from sae_kit.train.plugin_set import normalize_specs
+
+    specs = normalize_specs(specs)
+    for spec in specs:
+        declared = path_options(get_plugin(spec["name"]))
+        for name, value in spec.items():
+            if name in declared and isinstance(value, str):
+                kind, keyword = declared[name]
+                spec[name] = confine_setting(root, kind, value, f"plugin {spec['name']} option {name}", keyword)
+    return specs
+
+
+def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
+    """A TrainConfig for a run writing to ``out``, from a request's mapping; ConfigError says what is wrong.
+
+    Every path the run can reach (activations, model, dataset, plugin options declared as paths) is
+    confined to the data folder here, before the run is queued."""
     root = Path(root).resolve()
     if not isinstance(data, dict):
         raise ConfigError(f"the run configuration must be a mapping of TrainConfig settings, got {type(data).__name__}")
@@ -77,58 +120,39 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
     chosen = sorted(set(data) & set(SERVER_FIELDS))
     if chosen:
         raise ConfigError(f"{chosen} are chosen by the server (each run writes its own folder); leave them out")
-    settings = dict(data)
+    check_text(data, "config")
+    settings = check_types(TrainConfig, dict(data))
     if isinstance(settings.get("activations"), list):
         raise ConfigError("one activation store per run: give activations as one path")
-    for key, what in (("activations", "activation store"), ("model", "model folder"), ("dataset", "dataset")):
+    for key, kind, keyword in (("activations", "store", None), ("model", "model", None), ("dataset", "dataset", "default")):
         value = settings.get(key)
-        if not isinstance(value, str) or not value:
-            continue
-        # Named models (smollm2, gpt2) and the bundled corpus are not paths.
-        if key == "model" and "/" not in value and not (root / value).exists():
-            continue
-        if key == "dataset" and value == "default":
-            continue
-        path = confined(root, value, what)
-        if not path.exists():
-            raise ConfigError(f"{what} {value!r} does not exist in the server's data folder")
-        settings[key] = str(path)
-    try:
-        cfg = TypeAdapter(TrainConfig).validate_python({**settings, "out": str(out), "progress": False})
-    except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-                    for e in exc.errors()]
-        raise ConfigError("; ".join(problems)) from None
-    from sae_kit.sae import ARCHITECTURES
-
-    parse_options(ARCHITECTURES[cfg.architecture].Options, cfg.options, f"architecture {cfg.architecture!r}")
+        if isinstance(value, str) and value:
+            settings[key] = confine_setting(root, kind, value, key, keyword)
+    settings["plugins"] = confine_plugin_paths(settings.get("plugins"), root)
+    cfg = TrainConfig.from_dict({**settings, "out": str(out), "progress": False})
     if cfg.model and not cfg.activations:
         if not cfg.hook:
             raise ConfigError("model needs hook (e.g. blocks.6.hook_resid_post)")
     else:
         try:
-            source_from_config(cfg)  # opens the store: a missing or corrupt one is reported now
+            source = source_from_config(cfg)  # opens the store: a missing or corrupt one is reported now
         except (OSError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
+        from sae_kit.sae import ARCHITECTURES
+
+        ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}))
     return cfg
 
 
 def config_schema() -> dict[str, Any]:
     """What a run form needs: TrainConfig's fields (JSON schema + CLI help), architectures and plugins with options."""
-    from pydantic import TypeAdapter
-
-    from sae_kit.cli import TRAIN_FLAGS
+    from sae_kit.config import json_schema
     from sae_kit.plugins.api import available_plugins, options_schema
     from sae_kit.sae import ARCHITECTURES
 
-    schema = TypeAdapter(TrainConfig).json_schema()
-    for name in SERVER_FIELDS:
-        schema["properties"].pop(name, None)
-    for name, spec in TRAIN_FLAGS.items():
-        if name in schema["properties"]:
-            schema["properties"][name]["description"] = spec.get("help", "")
+    schema = json_schema(TrainConfig, skip=SERVER_FIELDS)
     architectures = [{"name": name, "summary": (cls.__doc__ or "").strip().split("\n")[0],
-                      "options": options_schema(cls)} for name, cls in sorted(ARCHITECTURES.items())]
+                      "options": config_options_schema(cls.Options)} for name, cls in sorted(ARCHITECTURES.items())]
     plugins = [{"name": name, "paper": cls.paper, "summary": cls.summary, "options": options_schema(cls),
                 "conflicts": sorted(cls.conflicts)} for name, cls in available_plugins().items()]
     return {"train_config": schema, "architectures": architectures, "plugins": plugins}
@@ -256,7 +280,7 @@ class RunService:
         run_dir = self.runs_dir / run_id
         cfg = validate_run_config(config, self.root, run_dir)
         run_dir.mkdir()
-        text = json.dumps(asdict(cfg), indent=2)
+        text = json.dumps(cfg.to_dict(), indent=2)
         atomic_write(run_dir / "config.json", lambda path: path.write_text(text))
         self.store.insert({"id": run_id, "name": (name or f"{cfg.architecture} {run_id}")[:200], "status": "queued",
                            "config": json.dumps(config), "total_steps": cfg.total_steps, "created": time.time()})
@@ -264,8 +288,10 @@ class RunService:
         return self.describe(run_id)
 
     def cancel(self, run_id: str) -> dict[str, Any]:
-        row = self._row(run_id)
+        # Read and act under the lock a worker holds while it starts a run: otherwise a run read as
+        # queued could be started in between, and "cancelled before it started" would train to the end.
         with self._lock:
+            row = self._row(run_id)
             if row["status"] == "queued":
                 self.store.update(run_id, status="cancelled", ended=time.time(), error="cancelled before it started")
             elif row["status"] == "running":
@@ -278,11 +304,12 @@ class RunService:
         return self.describe(run_id)
 
     def resume(self, run_id: str) -> dict[str, Any]:
-        row = self._row(run_id)
-        if row["status"] not in RESUMABLE:
-            raise RunStateError(f"run {run_id} is {row['status']}; only {', '.join(RESUMABLE)} runs can be resumed")
-        self.store.update(run_id, status="queued", error=None, ended=None)
-        self._queue.put(run_id)
+        with self._lock:  # as in cancel: two resumes of one run must not queue it twice
+            row = self._row(run_id)
+            if row["status"] not in RESUMABLE:
+                raise RunStateError(f"run {run_id} is {row['status']}; only {', '.join(RESUMABLE)} runs can be resumed")
+            self.store.update(run_id, status="queued", error=None, ended=None)
+            self._queue.put(run_id)
         return self.describe(run_id)
 
     def analyze(self, run_id: str, model: str | None = None, hook: str | None = None, tokens: int = 4096,
@@ -296,14 +323,17 @@ class RunService:
         if row["analysis"] == "running":
             raise RunStateError(f"run {run_id} is already being analysed")
         sae_dir = self.runs_dir / run_id / "sae"
-        metadata = load_sae(sae_dir).cfg.metadata
+        try:
+            metadata = load_sae(sae_dir).cfg.metadata
+        except (OSError, ValueError) as exc:  # the finished run's SAE was damaged or removed since
+            raise RunStateError(f"the SAE of run {run_id} cannot be loaded ({exc}); train the run again") from None
         model = model or metadata.get("model_name")
         hook = hook or metadata.get("hook_name")
-        if not model or str(model).startswith("synthetic:") or not hook:
+        if not model or synthetic_dataset(metadata) or not hook:
             raise ConfigError(f"the SAE of run {run_id} was trained on {model or 'activations without a model'}: "
                               "name a model (and hook) whose activations have the SAE's width to analyse it against")
-        if "/" in model or (self.root / model).exists():
-            model = str(confined(self.root, model, "model folder"))
+        model = confine_setting(self.root, "model", model, "model")
+        check_text(hook, "hook")
         command = [self.python, "-m", "sae_kit.cli", "analyze", str(sae_dir), "--model", model, "--hook", hook,
                    "--tokens", str(int(tokens)), "--context", str(int(context)), "--no-progress", "--threads", "1"]
         self.store.update(run_id, analysis="running", analysis_error=None)
@@ -345,7 +375,7 @@ class RunService:
         if (sae_dir / "cfg.json").is_file():
             eval_path = sae_dir / "eval.json"
             sae = {"path": sae_dir.relative_to(self.root).as_posix(),
-                   "id": sae_dir.relative_to(self.root).as_posix().replace("/", "."),
+                   "id": sae_id(self.root, sae_dir),
                    "eval": json.loads(eval_path.read_text()) if eval_path.is_file() else None,
                    "analysed": (sae_dir / "features.sqlite").is_file()}
         return {"id": row["id"], "name": row["name"], "status": row["status"], "error": row["error"],

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,28 @@ def _check_shard_sizes(directory: Path, manifest: dict[str, Any]) -> None:
                 f"Shard {path} is {size} bytes but the manifest records {entry['size_bytes']}: "
                 f"it is truncated or was overwritten; restore it or re-harvest."
             )
+
+
+# Shards whose sha256 matched in this process, by (path, size, mtime, inode): each is hashed once
+# per process however many readers open its store (an edit changes the stamp and re-arms the check).
+_VERIFIED_SHARDS: set[tuple[str, int, int, int, str]] = set()
+
+
+def _shard_stamp(path: Path, sha256: str) -> tuple[str, int, int, int, str]:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, sha256)
+
+
+def _verify_shard(path: Path, sha256: str) -> None:
+    """Raise :class:`StoreError` unless the shard's bytes match the manifest's checksum."""
+    stamp = _shard_stamp(path, sha256)
+    if stamp in _VERIFIED_SHARDS:
+        return
+    if _sha256_of_file(path) != sha256:
+        raise StoreError(f"Shard {path} does not match its sha256 checksum in {MANIFEST_NAME}: its data "
+                         f"changed after it was written (disk or copy error). Restore the file from a copy, "
+                         f"or re-harvest the store into a new directory.")
+    _VERIFIED_SHARDS.add(stamp)
 
 
 def _inspect_shard(path: Path, d_in: int, dtype: str) -> int:
@@ -464,9 +487,21 @@ def write_store(
         raise ValueError("write_store needs a 2-D activations tensor [N, d_in]")
     if dtype is None:
         dtype = activations.dtype if activations.dtype in _DTYPES.values() else "float32"
-    with ActivationStoreWriter(directory, d_in=activations.shape[1], dtype=dtype,
-                               **writer_kwargs) as writer:
-        writer.append(activations, token_ids, positions)
+    directory = Path(directory)
+    existed = set(directory.iterdir()) if directory.is_dir() else None
+    try:
+        with ActivationStoreWriter(directory, d_in=activations.shape[1], dtype=dtype,
+                                   **writer_kwargs) as writer:
+            writer.append(activations, token_ids, positions)
+    except BaseException:
+        # Refused (NaN, bad shapes...) or interrupted: remove what this call created, so that the
+        # same call can simply be retried (a half-made store would make it a FileExistsError).
+        if existed is None:
+            shutil.rmtree(directory, ignore_errors=True)
+        elif directory.is_dir():
+            for path in set(directory.iterdir()) - existed:
+                path.unlink(missing_ok=True)
+        raise
     return ActivationStore(directory)
 
 
@@ -486,11 +521,12 @@ class StoreSplit:
 class ActivationStore:
     """Read-only, memory-mapped view of an activation store directory.
 
-    Opening checks that the manifest parses and every shard exists with its recorded size;
-    ``verify()`` additionally recomputes the sha256 checksums. Each shard's tensor layout is
-    checked the first time it is read. Reads go through ``safetensors.safe_open`` slices, so
-    reading a row range touches only those rows. The manifest is read once at open: shards a
-    writer adds later are not seen.
+    Opening checks that the manifest parses and that every shard exists with its recorded size and
+    holds the tensors and row count the manifest records (its header only: cheap). The first read
+    of a shard recomputes its sha256 (once per shard per process: a reader sees corrupt data as an
+    error naming the file, never as numbers); ``verify()`` checks every shard at once. Reads go
+    through ``safetensors.safe_open`` slices. The manifest is read once at open: shards a writer
+    adds later are not seen.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -502,7 +538,13 @@ class ActivationStore:
         for entry in self._manifest["shards"]:
             starts.append(starts[-1] + entry["n_tokens"])
         self._shard_starts = starts  # global row of each shard's first row, plus the end
-        self._checked_shards: set[int] = set()
+        for shard, entry in enumerate(self._manifest["shards"]):
+            n_rows = _inspect_shard(self._shard_path(shard), self.d_in, self._dtype_name)
+            if n_rows != entry["n_tokens"]:
+                raise StoreError(f"Shard {self._shard_path(shard)} holds {n_rows} rows but {MANIFEST_NAME} records "
+                                 f"{entry['n_tokens']}: the manifest or the shard was altered; restore them "
+                                 f"from a copy or re-harvest the store.")
+        self._checked_shards: set[int] = set()  # checksum verified
 
     # -- metadata -------------------------------------------------------------------------------
 
@@ -553,8 +595,13 @@ class ActivationStore:
 
     def verify(self) -> None:
         """Recompute every shard's sha256; raise :class:`StoreError` naming the corrupt shards."""
-        corrupt = [str(self.directory / entry["file"]) for entry in self._manifest["shards"]
-                   if _sha256_of_file(self.directory / entry["file"]) != entry["sha256"]]
+        corrupt = []
+        for shard, entry in enumerate(self._manifest["shards"]):
+            try:
+                _verify_shard(self._shard_path(shard), entry["sha256"])
+                self._checked_shards.add(shard)
+            except StoreError:
+                corrupt.append(str(self._shard_path(shard)))
         if corrupt:
             raise StoreError(f"Checksum mismatch in shard(s) {', '.join(corrupt)}: the data is "
                              f"corrupt; restore them or re-harvest.")
@@ -568,10 +615,7 @@ class ActivationStore:
                          names: tuple[str, ...]) -> list[torch.Tensor]:
         path = self._shard_path(shard)
         if shard not in self._checked_shards:
-            n_rows = _inspect_shard(path, self.d_in, self._dtype_name)
-            if n_rows != self._manifest["shards"][shard]["n_tokens"]:
-                raise StoreError(f"Shard {path} holds {n_rows} rows but the manifest records "
-                                 f"{self._manifest['shards'][shard]['n_tokens']}")
+            _verify_shard(path, self._manifest["shards"][shard]["sha256"])
             self._checked_shards.add(shard)
         try:
             with safe_open(str(path), framework="pt") as file:

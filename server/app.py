@@ -14,7 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from . import catalog, runs, steer, text
+from sae_kit.feature_store import FeatureStoreError
+
+from . import catalog, explain, runs, steer, text
 from .registry import Limits, Registry
 
 FRONTEND_SPEC = "sae_kit.frontend"
@@ -42,8 +44,13 @@ def create_app(root: str | Path, *, model_name: str | None = None, api_token: st
     app.state.runs = service
     app.state.api_token = api_token or None
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    for router in (catalog.router, text.router, steer.router, *([runs.router] if service is not None else [])):
+    for router in (catalog.router, explain.router, text.router, steer.router, *([runs.router] if service is not None else [])):
         app.include_router(router)
+
+    @app.exception_handler(FeatureStoreError)
+    async def damaged_feature_store(request: Request, exc: FeatureStoreError):
+        # The file changed under the server (deleted, truncated, overwritten): not the client's fault.
+        return JSONResponse({"detail": str(exc)}, status_code=503)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -85,12 +92,10 @@ def _jsonable(errors: list) -> list:
              if key in ("type", "loc", "msg", "ctx")} for error in errors]
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """Answers 413 to a request body over ``max_bytes`` (by Content-Length, or counted as it streams)."""
+    """Answers 413 to a request body over ``max_bytes``: by its Content-Length, or, for a chunked body
+    (no Content-Length), counted as it streams in. The body is read here, up to the limit, and handed
+    on whole: the limit is enforced before any route (or FastAPI's body parser) sees a byte of it."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -102,31 +107,27 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self._refuse(send)
-        received = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal received
+        chunks, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away: nothing to answer
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
+        whole = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            return whole.pop() if whole else await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send):
-        response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
+        response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes: send at most {self.max_bytes}"},
+                                status_code=413)
         await response({"type": "http"}, None, send)
 
 

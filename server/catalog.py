@@ -1,21 +1,30 @@
 """GET routes: models, hooks, SAEs, pages of features and single features."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 
 from .deps import analysed_sae, registry, served_sae
 from .registry import Registry
-from .schemas import ID_PATTERN, error_responses, Feature, FeaturePage, HookInfo, ModelInfo, SAEInfo
+from .schemas import ID_PATTERN, Text, error_responses, Feature, FeaturePage, HookInfo, ModelInfo, SAEInfo, ServerInfo
 
-router = APIRouter(prefix="/api", tags=["catalog"], responses=error_responses(404, 422))
+router = APIRouter(prefix="/api", tags=["catalog"], responses=error_responses(404, 422, 503))
 SAE_ID = Path(pattern=ID_PATTERN, description="SAE id, as listed by GET /api/saes")
 
 
 @router.get("/health")
-def health() -> dict[str, str]:
-    return {"status": "ok"}
+def health(reg: Registry = Depends(registry)) -> dict[str, Any]:
+    """"ok", or "degraded" with ``problems`` by SAE id (e.g. a feature store damaged while served)."""
+    return reg.health()
+
+
+@router.get("/server", response_model=ServerInfo)
+def server(request: Request):
+    """What this server does: the UI asks before showing the training pages."""
+    service = request.app.state.runs
+    return {"trains": service is not None, "max_runs": len(service._workers) if service is not None else 0,
+            "needs_token": request.app.state.api_token is not None}
 
 
 @router.get("/models", response_model=list[ModelInfo])
@@ -30,7 +39,7 @@ def hooks(reg: Registry = Depends(registry)):
 
 @router.get("/saes", response_model=list[SAEInfo])
 def saes(reg: Registry = Depends(registry)):
-    return [served.describe() for served in reg.saes.values()]
+    return reg.describe_saes()
 
 
 @router.get("/saes/{sae_id}", response_model=SAEInfo)
@@ -43,12 +52,12 @@ def feature_page(
     sae_id: str = SAE_ID,
     offset: int = Query(0, ge=0, le=10_000_000),
     limit: int = Query(50, ge=1, le=500),
-    sort: Literal["id", "density", "max_act", "mean_act", "fire_count"] = "id",
+    sort: Literal["id", "density", "max_act", "mean_act", "fire_count", "score"] = "id",
     order: Literal["asc", "desc"] = "asc",
     min_density: Optional[float] = Query(None, ge=0, le=1),
     max_density: Optional[float] = Query(None, ge=0, le=1),
     min_max_act: Optional[float] = Query(None, ge=-1e9, le=1e9),
-    q: Optional[str] = Query(None, max_length=200, description="text in the explanation, top tokens or promoted tokens"),
+    q: Optional[Text] = Query(None, max_length=200, description="words in the explanation or top tokens (full-text), or text in the promoted tokens"),
     reg: Registry = Depends(registry),
 ):
     served = analysed_sae(reg, sae_id)

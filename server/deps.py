@@ -19,6 +19,8 @@ def registry(request: Request) -> Registry:
 
 def served_sae(registry: Registry, sae_id: str) -> ServedSAE:
     served = registry.saes.get(sae_id)
+    if served is None and sae_id in registry.skipped:
+        raise HTTPException(404, f"SAE {sae_id!r} is not served: {registry.skipped[sae_id]}")
     if served is None:
         raise HTTPException(404, f"no SAE {sae_id!r}; GET /api/saes lists the served ones")
     return served

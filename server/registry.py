@@ -9,8 +9,6 @@ time is also the fastest order).
 """
 from __future__ import annotations
 
-import json
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +17,7 @@ from typing import Any
 from sae_kit.config import ConfigError
 from sae_kit.feature_store import STORE_FILE, FeatureStore, FeatureStoreError
 from sae_kit.sae.base import CONFIG_FILE, WEIGHTS_FILE
-
-MAX_DEPTH = 4
+from sae_kit.sae_folders import find_sae_folders, sae_id, synthetic_dataset
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ class ServedSAE:
         return {"id": self.id, "model": self.model_id, "hook": self.hook, "architecture": cfg.architecture,
                 "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k if self.sae.uses_k else None,
                 "analysed": self.store is not None, "analysis": self._analysis_summary(),
-                "store_problem": self.store_problem}
+                "store_problem": self.store_problem, "served": True, "problem": None}
 
     def _analysis_summary(self) -> dict[str, Any] | None:
         if self.store is None:
@@ -87,13 +84,14 @@ class Registry:
         for folder in folders:
             try:
                 self.add_folder(folder)
-            except Exception:
-                if not lenient:
-                    raise
+            except Exception:  # kept in skipped: listed by GET /api/saes with its problem, the others served
+                pass
+        if not self.saes and not lenient:
+            problems = "; ".join(f"{sae_id}: {problem}" for sae_id, problem in self.skipped.items())
+            raise ConfigError(f"none of the SAE folders under {self.root} can be served ({problems})")
 
     def sae_id(self, folder: Path) -> str:
-        folder = folder.resolve()
-        return folder.name if folder == self.root else folder.relative_to(self.root).as_posix().replace("/", ".")
+        return sae_id(self.root, folder)
 
     def add_folder(self, folder: Path) -> ServedSAE:
         """Serve (or serve again, e.g. after its analysis) the SAE in ``folder``, loading its model once;
@@ -121,11 +119,13 @@ class Registry:
         # An SAE analysed against a model other than its training source's (e.g. one trained on
         # synthetic activations) is served with the model and hook of its feature store.
         name, hook = sae.cfg.metadata.get("model_name"), sae.cfg.metadata.get("hook_name")
-        if (not name or str(name).startswith("synthetic:")) and store is not None:
+        planted = synthetic_dataset(sae.cfg.metadata)
+        if (not name or planted) and store is not None:
             name, hook = store.meta.get("model"), store.meta.get("hook")
+            planted = synthetic_dataset({"model_name": name})
         name = self.model_name or name
-        if not self.model_name and str(name).startswith("synthetic:"):
-            raise ConfigError(f"{self.sae_id(folder)} was trained on synthetic activations ({name}); analyse it against a model "
+        if not self.model_name and planted:
+            raise ConfigError(f"{self.sae_id(folder)} was trained on synthetic activations ({planted}); analyse it against a model "
                               "of the same width (POST /api/runs/{id}/analyze or sae-kit analyze --model --hook) to browse it")
         if not hook or not name:
             raise ConfigError(f"{folder / CONFIG_FILE} names no hook_name/model_name in its metadata; "
@@ -145,6 +145,18 @@ class Registry:
             if sae_id not in served_model.sae_ids:
                 served_model.sae_ids.append(sae_id)
         return self.saes[sae_id]
+
+    def describe_saes(self) -> list[dict[str, Any]]:
+        """The served SAEs, then the SAE folders that cannot be served, each with its problem."""
+        broken = [{"id": sae_id, "served": False, "problem": problem, "analysed": False}
+                  for sae_id, problem in sorted(self.skipped.items())]
+        return [served.describe() for served in self.saes.values()] + broken
+
+    def health(self) -> dict[str, Any]:
+        """"ok", or "degraded" with what is wrong by SAE id (a feature store damaged while served)."""
+        problems = {sae_id: problem for sae_id, served in list(self.saes.items())
+                    if served.store is not None and (problem := served.store.problem())}
+        return {"status": "degraded", "problems": problems} if problems else {"status": "ok"}
 
     def describe_models(self) -> list[dict[str, Any]]:
         return [{"id": m.id, "name": m.id, "n_layers": m.model.n_layers, "d_model": m.model.d_model,
@@ -166,27 +178,3 @@ def _model_id(name: str, taken: dict[str, ServedModel]) -> str:
         n += 1
         candidate = f"{base}-{n}"
     return candidate
-
-
-def find_sae_folders(root: Path) -> list[Path]:
-    """SAE folders under ``root`` (itself included), at most ``MAX_DEPTH`` deep, not following links out."""
-    found = []
-    for directory, subdirectories, files in os.walk(root):
-        here = Path(directory)
-        depth = len(here.relative_to(root).parts)
-        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".") and depth < MAX_DEPTH
-                                   and (here / d).resolve().is_relative_to(root))
-        # A training checkpoint (beside optimizer.safetensors) is a snapshot of a run, not an SAE to serve.
-        in_checkpoint = (here.parent / "optimizer.safetensors").is_file()
-        if CONFIG_FILE in files and WEIGHTS_FILE in files and not in_checkpoint and _is_sae_config(here / CONFIG_FILE):
-            found.append(here)
-    return found
-
-
-def _is_sae_config(path: Path) -> bool:
-    # A checkpoint folder or a Hugging Face model folder may hold a cfg.json too.
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"d_in", "d_sae", "architecture"} <= set(data)

@@ -12,7 +12,7 @@ from sae_kit.config import ConfigError
 from sae_kit.runs import RunService, RunStateError, config_schema
 from .deps import registry, steering_token
 from .registry import Registry
-from .schemas import ID_PATTERN, Strict, error_responses
+from .schemas import ID_PATTERN, Strict, Text, error_responses
 
 router = APIRouter(prefix="/api/runs", tags=["runs"], dependencies=[Depends(steering_token)],
                    responses=error_responses(400, 401, 404, 409, 413, 422))
@@ -22,13 +22,13 @@ RUN_ID = Path(pattern=ID_PATTERN, description="run id, as listed by GET /api/run
 class RunRequest(Strict):
     config: dict[str, Any] = Field(description="TrainConfig settings, as in `sae-kit train --config` (GET /api/runs/schema); "
                                                "paths are relative to the server's data folder")
-    name: Optional[str] = Field(None, max_length=200)
+    name: Optional[Text] = Field(None, max_length=200)
 
 
 class AnalyzeRequest(Strict):
-    model: Optional[str] = Field(None, max_length=500, description="model (name, or folder in the data folder); "
+    model: Optional[Text] = Field(None, max_length=500, description="model (name, or folder in the data folder); "
                                                                     "default: the one the SAE was trained on")
-    hook: Optional[str] = Field(None, max_length=200)
+    hook: Optional[Text] = Field(None, max_length=200)
     tokens: int = Field(4096, ge=64, le=1_000_000)
     context: int = Field(64, ge=8, le=2048)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae_kit.cli import main
-from sae_kit.plugins.ablate import matched_cosine, summarise
+from sae_kit.experiments.ablate import matched_cosine, summarise
 
 TINY = ["--seeds", "2", "--steps", "20", "--d-in", "16", "--features", "32", "--d-sae", "32", "--k", "3",
         "--batch-size", "64", "--eval-tokens", "512", "--threads", "1", "--no-progress"]

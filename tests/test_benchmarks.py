@@ -35,3 +35,12 @@ def test_gpu_benchmark_smoke_runs_under_the_interpreter():
                       "--step-latents", "64", "--k", "4", "--repeats", "1", "--copy-mib", "1"],
                      env={"TRITON_INTERPRET": "1"})
     assert "decode grad weight" in out and "encoder backward" in out and "ours+auxk" in out
+
+
+def test_in_model_eval_benchmark_compares_the_three_paths():
+    out = run_script(["benchmarks/in_model_eval.py", "--hook", "blocks.2.hook_resid_post", "--tokens", "32",
+                      "--context", "16", "--batch-size", "2", "--repeats", "1", "--threads", "1"],
+                     env={"HF_HUB_OFFLINE": "1"})
+    for path in ("full passes", "shared prefix (cold)", "shared prefix (warm)"):
+        assert path in out, path
+    assert "largest metric difference from the full passes" in out and "load average after" in out

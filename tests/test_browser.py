@@ -88,8 +88,18 @@ def browser_page(server: str) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(build_served_root(tmp_path_factory.mktemp("browser"))) as url:
+def served_root(tmp_path_factory):
+    """The tiny served folder, its features explained by the token rule (no model: about a second)."""
+    from sae_kit.explain import ExplainConfig, run_explain
+
+    root = build_served_root(tmp_path_factory.mktemp("browser"))
+    run_explain(root / "saes" / "main", ExplainConfig(backend="none", progress=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(served_root):
+    with running_server(served_root) as url:
         yield url
 
 
@@ -190,3 +200,69 @@ def test_steering_playground_shows_default_and_steered_text(page, server, shots)
     page.screenshot(path=str(shots / "steer_error.png"), full_page=True)
     assert not page.outside_requests
 
+
+
+def test_explanations_in_list_search_feature_page_and_steering(page, server, shots):
+    page.console_errors.clear()  # the steering test ends on a refused request, on purpose
+    by_score = _get(f"{server}/api/saes/saes.main/features?sort=score&order=desc&limit=50")["features"]
+    assert by_score[0]["score"] is not None and by_score[0]["explanation"]
+    page.goto(f"{server}/ui/index.html?sae=saes.main&sort=score&order=desc")
+    page.wait_for_function("i => document.querySelector('#features tr.feature td a').textContent === i",
+                           arg=str(by_score[0]["index"]))
+    assert page.locator("#features tr.feature td.expl").first.inner_text() == by_score[0]["explanation"]
+    assert page.locator("#features tr.feature .score").first.inner_text() == f"{by_score[0]['score']:.2f}"
+    page.screenshot(path=str(shots / "feature_list_explanations.png"), full_page=True)
+
+    # Search by explanation: a word of the best feature's explanation finds it, ranked as the API ranks.
+    word = next(t for t in by_score[0]["explanation"].split('"')[1::2] if t.strip().isalnum())
+    hits = _get(f"{server}/api/saes/saes.main/explanations/search?q={urllib.request.quote(word)}&limit=20")
+    assert hits["total"] >= 1 and by_score[0]["index"] in [h["index"] for h in hits["results"]] or hits["total"] > 20
+    page.goto(f"{server}/ui/search.html?sae=saes.main")
+    page.fill("#eq", word)
+    page.click("#explain-search button")
+    page.wait_for_selector("#explanation-hits tr.hit")
+    shown = page.locator("#explanation-hits tr.hit td:first-child a").all_inner_texts()
+    assert shown == [str(h["index"]) for h in hits["results"]]
+    page.fill("#text", "Now is the winter of our discontent")
+    page.click("#run")
+    page.wait_for_selector("#top-features tr td .expl")
+    page.screenshot(path=str(shots / "search_explanations.png"), full_page=True)
+
+    # The feature page: explanation, its controls, each scored example's verdict; the button re-explains.
+    index = by_score[0]["index"]
+    page.goto(f"{server}/ui/feature.html?sae=saes.main&index={index}")
+    page.wait_for_selector("#explanation-scores")
+    assert by_score[0]["explanation"] in page.inner_text("#explanation")
+    assert page.locator("#explanation-scores tr.role-shuffled-\\(chance\\)").count() == 1
+    feature = _get(f"{server}/api/saes/saes.main/features/{index}")
+    verdicts = feature["explanations"]["explanation"]["verdicts"]
+    assert page.locator("#verdict-table tr.verdict-row").count() == len(verdicts) > 0
+    right = sum((v["p_yes"] >= 0.5) == v["label"] for v in verdicts)
+    assert page.locator("#verdict-table td.verdict.right").count() == right
+    page.wait_for_selector("#density .plotly .bars")
+    page.click("#explain")
+    page.wait_for_function("() => document.querySelector('#explain-status').textContent === 'done'")
+    page.click("#verdicts-box summary")
+    page.screenshot(path=str(shots / "feature_explanation.png"), full_page=True)
+
+    page.goto(f"{server}/ui/steer.html?sae=saes.main&index={index}")
+    page.wait_for_selector(".feature-row .f-note .expl")
+    assert by_score[0]["explanation"] in page.inner_text(".feature-row .f-note")
+    assert not page.outside_requests and not page.console_errors
+
+
+def test_training_tab_of_a_browse_only_server_says_so(page, served_root, shots):
+    with running_server(served_root, "--max-runs", "0") as url:
+        statuses = []
+        record = lambda r: statuses.append((r.status, r.url))
+        page.on("response", record)
+        for name in ("runs.html", "run_new.html", "run.html?id=x", "compare.html?runs=a,b"):
+            page.goto(f"{url}/ui/{name}")
+            page.wait_for_selector("#browse-only")
+            assert "does not train" in page.inner_text("#browse-only")
+            assert "--max-runs" in page.inner_text("#browse-only")
+        page.screenshot(path=str(shots / "training_browse_only.png"), full_page=True)
+        assert not [s for s in statuses if s[0] >= 400], statuses
+        assert not any("/api/runs" in u for _, u in statuses)
+        page.remove_listener("response", record)
+        page.outside_requests.clear()  # this server is not the module's

@@ -110,3 +110,25 @@ def test_compare_two_finished_runs_on_the_same_data(page, server, shots):
     assert not page.locator("#warning .error").count()
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
     assert not page.outside_requests and not page.console_errors
+
+
+def test_a_new_train_config_field_appears_in_the_run_form(page, server, monkeypatch):
+    """The form is built from GET /api/runs/schema: serve the schema of TrainConfig plus one declared
+    field (tests/test_structure.py) and the field is there, with its choices, and is sent."""
+    from test_structure import _extended_train_config
+
+    from sae_kit import runs
+
+    monkeypatch.setattr(runs, "TrainConfig", _extended_train_config())
+    schema = runs.config_schema()
+    page.route(f"{server}/api/runs/schema", lambda route: route.fulfill(json=schema))
+    try:
+        page.goto(f"{server}/ui/run_new.html")
+        page.wait_for_selector("#f-warmup_shape")
+        assert page.locator("#f-warmup_shape option").all_inner_texts() == ["linear", "cosine"]
+        assert "warm-up" in page.locator("label", has=page.locator("#f-warmup_shape")).inner_text()
+        assert "warmup_shape" not in page.evaluate("collect()")  # defaults are not sent
+        page.select_option("#f-warmup_shape", "cosine")
+        assert page.evaluate("collect()")["warmup_shape"] == "cosine"
+    finally:
+        page.unroute(f"{server}/api/runs/schema")

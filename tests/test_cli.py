@@ -180,7 +180,8 @@ def test_opt_selection_batch_reaches_abstopk(store_dir, tmp_path):
     flags = [a if a != "topk" else "abstopk" for a in SMALL_RUN]
     assert main(["train", "--activations", str(store_dir), "--out", str(out), *flags,
                  "--opt", "selection=batch", "--opt", "threshold_beta=0.9"]) == 0
-    assert json.loads((out / "config.json").read_text())["options"] == {"selection": "batch", "threshold_beta": "0.9"}
+    # Typed when the config is built: config.json holds 0.9, not "0.9".
+    assert json.loads((out / "config.json").read_text())["options"] == {"selection": "batch", "threshold_beta": 0.9}
     cfg = json.loads((out / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "abstopk"
     assert cfg["sae_kit"]["options"] == {"selection": "batch", "threshold_beta": 0.9}

@@ -243,3 +243,57 @@ def test_cli_eval_errors_exit_2(tmp_path, capsys, cli_reuses_smollm2):
     assert "d_in=64" in capsys.readouterr().err
     for directory in (no_hook, narrow):
         assert not (directory / IN_MODEL_FILE).exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared prefix and cached baselines against the straightforward computation (four full passes)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"])
+def test_shared_prefix_equals_full_passes_on_a_hooked_transformer(tiny, hook):
+    from sae_kit.eval import in_model
+    from sae_kit.eval.split_forward import split_at
+
+    assert split_at(tiny, hook) is not None
+    sae = random_sae(32, seed=2, metadata={"hook_name": hook})
+    small = dict(SMALL, context=16, max_tokens=96)
+    in_model.BASELINES.clear()
+    full = evaluate_in_model(sae, tiny, shared_prefix=False, **small)
+    cold = evaluate_in_model(sae, tiny, **small)  # prefix once, four suffixes; baselines kept
+    assert in_model.BASELINES[tiny]  # the slice's baselines were kept for the next SAE
+    other = random_sae(32, seed=3, metadata={"hook_name": hook})
+    warm = evaluate_in_model(other, tiny, **small)  # cached residuals and ablation losses
+    other_full = evaluate_in_model(other, tiny, shared_prefix=False, **small)
+    for key in KEYS - {"hook"}:
+        assert cold[key] == pytest.approx(full[key], rel=1e-6, abs=1e-7), key
+        assert warm[key] == pytest.approx(other_full[key], rel=1e-6, abs=1e-7), key
+    assert warm["loss_sae"] != cold["loss_sae"]  # the second SAE really was evaluated
+
+
+def test_shared_prefix_equals_full_passes_on_smollm2(smollm2):
+    from sae_kit.eval import in_model
+
+    sae = random_sae(seed=5)
+    in_model.BASELINES.clear()
+    full = evaluate_in_model(sae, smollm2, shared_prefix=False, **SMALL)
+    fast = evaluate_in_model(sae, smollm2, **SMALL)
+    warm = evaluate_in_model(sae, smollm2, **SMALL)
+    for key in KEYS - {"hook"}:
+        assert fast[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+        assert warm[key] == fast[key], key  # cached baselines reproduce the cold run exactly
+
+
+def test_a_changed_slice_is_not_served_from_the_cache(tiny, twenty_paragraphs, tmp_path):
+    from sae_kit.eval import in_model
+
+    hook = "blocks.0.hook_resid_post"
+    sae = random_sae(32, seed=4, metadata={"hook_name": hook})
+    path = tmp_path / "text.txt"
+    path.write_text(twenty_paragraphs.read_text())
+    small = dict(dataset=str(path), context=16, batch_size=2, max_tokens=64, progress=False)
+    in_model.BASELINES.clear()
+    evaluate_in_model(sae, tiny, **small)
+    path.write_text(twenty_paragraphs.read_text().replace("the", "a"))  # same name, other text
+    changed = evaluate_in_model(sae, tiny, **small)
+    expected = evaluate_in_model(sae, tiny, shared_prefix=False, **small)
+    for key in KEYS - {"hook"}:
+        assert changed[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key

@@ -17,7 +17,9 @@ from sae_kit.cli import main
 from sae_kit.config import ConfigError
 from sae_kit.eval.synthetic import SyntheticSource, make_dataset
 from sae_kit.plugins import api
-from sae_kit.plugins.api import Batch, Plugin, build_plugins, option, options_schema, parse_plugin_spec
+from sae_kit.plugins.api import Batch, Plugin, option, options_schema
+from sae_kit.train import plugin_set
+from sae_kit.train.plugin_set import build_plugins, parse_plugin_spec
 from sae_kit.store import write_store
 from sae_kit.train.trainer import TrainConfig, Trainer
 
@@ -172,7 +174,7 @@ def test_entry_point_plugin_from_an_installed_distribution(tmp_path, monkeypatch
 
 def test_options_schema_has_types_defaults_and_docs():
     schema = {entry["name"]: entry for entry in options_schema(api.get_plugin("usage_entropy"))}
-    assert schema["coefficient"]["type"] == "float" and schema["coefficient"]["default"] == 1e-3
+    assert schema["coefficient"]["type"] == "number" and schema["coefficient"]["default"] == 1e-3
     assert schema["temperature"]["doc"]
 
 
@@ -284,12 +286,12 @@ def test_weighted_and_targeted_reconstruction_loss(source, tmp_path):
     out = trainer.sae.training_forward(x, trainer.input_variance)
     per_token = (out.x_hat_n - out.x_n).pow(2).sum(1) / trainer.input_variance
     weight = torch.rand(BATCH)
-    loss = api.reconstruction_loss(trainer.sae, out, Batch(x, weight=weight), trainer.input_variance)
+    loss = plugin_set.reconstruction_loss(trainer.sae, out, Batch(x, weight=weight), trainer.input_variance)
     assert torch.allclose(loss, (per_token * weight).sum() / weight.sum())
     target = x * 0.5
-    loss = api.reconstruction_loss(trainer.sae, out, Batch(x, target=target), trainer.input_variance)
+    loss = plugin_set.reconstruction_loss(trainer.sae, out, Batch(x, target=target), trainer.input_variance)
     assert torch.allclose(loss, (out.x_hat_n - target).pow(2).sum(1).mean() / trainer.input_variance)
-    assert torch.allclose(api.reconstruction_loss(trainer.sae, out, Batch(x), trainer.input_variance), out.parts["reconstruction"])
+    assert torch.allclose(plugin_set.reconstruction_loss(trainer.sae, out, Batch(x), trainer.input_variance), out.parts["reconstruction"])
 
 
 # -------------------------------------------------------------------------------------- the CLI
@@ -313,8 +315,9 @@ def test_cli_plugin_flags_and_config_file(store_dir, tmp_path, capsys):
     assert main(["train", "--config", str(config), "--activations", str(store_dir), "--out", str(out), *SMALL_RUN,
                  "--plugin", "usage_entropy:temperature=0.1"]) == 0
     saved = json.loads((out / "config.json").read_text())["plugins"]
-    assert saved == [{"name": "usage_entropy", "coefficient": 0.5, "temperature": "0.1"},
-                     {"name": "ols_refit", "steps": "20"}]
+    # config.json records typed option values (the flags' strings are converted when the config is built).
+    assert saved == [{"name": "usage_entropy", "coefficient": 0.5, "temperature": 0.1},
+                     {"name": "ols_refit", "steps": 20}]
     evaluation = json.loads((out / "sae" / "eval.json").read_text())
     assert evaluation["ols_refit/fvu"] <= evaluation["ols_refit/fvu_encoder"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -70,7 +70,7 @@ def test_a_run_trains_with_a_plugin_reports_progress_and_its_sae(client, root):
     assert seen == sorted(seen) and run["progress"] == {"step": 120, "total_steps": 120, "fraction": 1.0, "eta_seconds": None}
     run_dir = root / "runs" / run["id"]
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["out"] == str(run_dir) and saved["plugins"] == [{"name": "usage_entropy", "coefficient": "0.01"}]
+    assert saved["out"] == str(run_dir) and saved["plugins"] == [{"name": "usage_entropy", "coefficient": 0.01}]  # typed
     eval_json = json.loads((run_dir / "sae" / "eval.json").read_text())
     assert run["sae"]["eval"] == eval_json and run["sae"]["path"] == f"runs/{run['id']}/sae"
     assert run["latest"]["eval/fvu"] == pytest.approx(eval_json["fvu"], rel=1e-6)  # the last held-out evaluation
@@ -156,7 +156,7 @@ def test_a_finished_run_is_analysed_into_the_feature_browser(client, root):
 BAD = [
     ({**CONFIG, "learning_rate": 1}, "unknown training setting(s) ['learning_rate']"),
     ({**CONFIG, "out": "/tmp/x"}, "chosen by the server"),
-    ({**CONFIG, "k": "many"}, "k: Input should be a valid integer"),
+    ({**CONFIG, "k": "many"}, "k: expected an integer, got 'many'"),
     ({**CONFIG, "k": 0}, "k must be >= 1"),
     ({**CONFIG, "architecture": "nope"}, "unknown architecture 'nope'"),
     ({**CONFIG, "options": {"selection": "batch"}}, "unknown option(s) ['selection'] for architecture 'topk'"),
@@ -219,7 +219,7 @@ def test_schema_is_derived_from_train_config_architectures_and_plugins(client):
     assert set(plugins) == set(available_plugins())
     entropy = plugins["usage_entropy"]
     assert entropy["paper"].startswith("GigaTok") and entropy["summary"]
-    assert {"name": "coefficient", "default": 1e-3, "type": "float"}.items() <= entropy["options"][0].items()
+    assert {"name": "coefficient", "default": 1e-3, "type": "number"}.items() <= entropy["options"][0].items()
 
 
 def test_a_training_server_starts_beside_sae_folders_it_cannot_serve_yet(root, client):
@@ -232,7 +232,9 @@ def test_a_training_server_starts_beside_sae_folders_it_cannot_serve_yet(root, c
         assert len(finished) == 3 and len(analysed) == 1  # the one analysed against the tiny model is served
         assert set(skipped) == {sae["id"] for sae in finished} - set(analysed)
         assert all("synthetic activations" in problem for problem in skipped.values())
-        assert [s["id"] for s in TestClient(app).get("/api/saes").json()] == analysed
+        listed = TestClient(app).get("/api/saes").json()
+        assert [s["id"] for s in listed if s["served"]] == analysed
+        assert {s["id"]: s["problem"] for s in listed if not s["served"]} == skipped  # listed with their problem
     finally:
         app.state.runs.close()
     with pytest.raises(FileNotFoundError, match="no SAE folder"):  # a browsing-only server still needs an SAE

@@ -301,7 +301,52 @@ def test_out_of_range_setting_is_refused(setting, value, tmp_path):
     ],
 )
 def test_trainer_refuses_bad_architecture_options(arch, options, match, dataset, tmp_path):
-    cfg = tiny_config(tmp_path / "run", architecture=arch, options=options)
+    # Typed options (unknown names, wrong values) fail when the config is built, before any data is
+    # opened; checks that need d_in (gba's groups vs d_sae) when the SAE is built, before any step.
     with pytest.raises(ConfigError, match=match):
+        cfg = tiny_config(tmp_path / "run", architecture=arch, options=options)
         Trainer(cfg, SyntheticSource(dataset))
-    assert find_checkpoint(Path(cfg.out)) is None
+    assert find_checkpoint(tmp_path / "run") is None
+
+
+def test_options_are_typed_in_the_config(tmp_path):
+    cfg = tiny_config(tmp_path / "run", architecture="gba", options={"groups": "4"},
+                      plugins=["usage_entropy:coefficient=0.01"])
+    assert cfg.options == {"groups": 4}
+    assert cfg.plugins == [{"name": "usage_entropy", "coefficient": 0.01}]
+    with pytest.raises(ConfigError, match="option groups expects a int"):
+        tiny_config(tmp_path / "run", architecture="gba", options={"groups": "four"})
+
+
+def test_k_above_d_sae_is_refused_when_the_config_is_built(tmp_path):
+    with pytest.raises(ConfigError, match="k=65 exceeds d_sae=64"):
+        tiny_config(tmp_path / "run", k=65)
+
+
+def test_wrong_types_in_a_config_file_name_the_field():
+    with pytest.raises(ConfigError, match="batch_size: Input should be a valid integer.*'many'"):
+        TrainConfig.from_dict({"batch_size": "many"})
+    with pytest.raises(ConfigError, match="unknown training setting"):
+        TrainConfig.from_dict({"config_version": 2, "nope": 1})
+
+
+def test_an_old_config_json_still_loads(tmp_path):
+    """A run folder's config.json from before config_version (plugin options as typed strings)."""
+    old = {
+        "activations": "store", "model": None, "hook": None, "dataset": "default", "context": 128, "out": "runs/x",
+        "architecture": "topk", "k": 8, "expansion": 8, "d_sae": 64, "normalize_activations": None, "options": {},
+        "lr": None, "batch_size": 256, "tokens": 25600, "warmup_steps": 100, "decay_fraction": 0.2,
+        "grad_clip": 1.0, "adam_betas": [0.9, 0.999], "adam_eps": 6.25e-10, "dead_tokens_threshold": 10000000,
+        "aux_coefficient": 0.03125, "k_aux": None, "heldout_fraction": 0.05, "eval_every": 500,
+        "eval_tokens": 65536, "log_every": 10, "checkpoint_every": 500, "init_tokens": 32768, "seed": 0,
+        "threads": None, "progress": True, "plugins": [{"name": "usage_entropy", "coefficient": "0.01"}],
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    from sae_kit.config import load_config_file
+
+    cfg = TrainConfig.from_dict(load_config_file(path))
+    assert cfg.k == 8 and cfg.adam_betas == (0.9, 0.999)
+    assert cfg.plugins == [{"name": "usage_entropy", "coefficient": 0.01}]  # migrated to a typed value
+    written = cfg.to_dict()
+    assert written["config_version"] == 2 and TrainConfig.from_dict(json.loads(json.dumps(written))) == cfg

@@ -1,7 +1,7 @@
 """Evaluate an SAE inside its language model: CE-loss recovered, KL to the clean model, Δ LM loss.
 
-For each batch of held-out windows the model runs four times: clean; with the SAE's reconstruction
-spliced in at the hook; with the hook zero-ablated; with it mean-ablated. Then
+For each batch of held-out windows four variants of the forward pass are compared: clean; with the
+SAE's reconstruction spliced in at the hook; with the hook zero-ablated; with it mean-ablated. Then
 
     CE recovered (vs zero) = (L_zero − L_sae) / (L_zero − L_clean)
     CE recovered (vs mean) = (L_mean − L_sae) / (L_mean − L_clean)
@@ -13,10 +13,19 @@ SAE never saw them and their outlier norms would dominate; the mean for mean-abl
 the hook's kept activations over all evaluated batches' clean passes so far (a running estimate,
 exact from the first batch on for that batch's tokens). Losses are next-token cross-entropies over
 every position but the last.
+
+Speed: at a residual-stream hook the model runs the shared prefix (blocks 0..L) once per batch and
+only the suffix per variant (``split_forward.py``); the ablation baselines (zero- and mean-ablated
+losses) and the prefix's residuals do not depend on the SAE, so they are kept per model and dataset
+slice (``BASELINES``) and a second SAE evaluated on the same slice runs only the clean and spliced
+suffixes. Other hooks, or a model without a usable cut, take four full forward passes
+(``shared_prefix=False`` forces them: the straightforward computation the fast path must equal).
 """
 from __future__ import annotations
 
 import json
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +33,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sae_kit.eval.split_forward import split_at
 from sae_kit.sae import SAE
 
 IN_MODEL_FILE = "eval_in_model.json"
+# Residuals kept per dataset slice for later SAEs (beyond this only the baseline losses are kept).
+RESIDUAL_CACHE_BYTES = 256 * 2**20
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -60,6 +72,22 @@ def overwrite(keep: torch.Tensor, value: torch.Tensor | float):
     return replace
 
 
+@dataclass
+class BatchBaseline:
+    """What one batch of a dataset slice gives whatever SAE is evaluated: its tokens (to check the
+    slice really is the same), the residual at the cut (None when over the memory budget), and the
+    losses with the hook zero- and mean-ablated."""
+
+    tokens: torch.Tensor
+    residual: torch.Tensor | None
+    loss_zero: float
+    loss_mean: float
+
+
+# model -> slice key -> per-batch baselines; dropped with the model.
+BASELINES: "weakref.WeakKeyDictionary[Any, dict[tuple, list[BatchBaseline]]]" = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def evaluate_in_model(
     sae: SAE,
@@ -74,6 +102,7 @@ def evaluate_in_model(
     prepend_bos: bool = True,
     skip_bos: bool = True,
     progress: bool = True,
+    shared_prefix: bool = True,
 ) -> dict[str, Any]:
     from sae_kit.harvest import HarvestConfig, WindowStream
 
@@ -85,28 +114,53 @@ def evaluate_in_model(
     sae.eval()
     stream = WindowStream(HarvestConfig(out="", hooks=[hook], dataset=dataset, context=context, batch_size=batch_size,
                                         prepend_bos=prepend_bos, skip_bos=skip_bos), model.tokenizer, split=split)
+    cut = split_at(model, hook) if shared_prefix else None
+    slice_key = (hook, dataset, split, context, batch_size, prepend_bos, skip_bos)
+    cached = BASELINES.setdefault(model, {}).setdefault(slice_key, []) if cut is not None else []
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
-    mean_sum, mean_count, seen, n_windows = None, 0, 0, 0
+    mean_sum, mean_count, seen, n_windows, kept_bytes = None, 0, 0, 0, 0
     bar = tqdm(total=max_tokens, unit="tok", desc="eval in model", disable=not progress)
-    for tokens in stream.batches():
+    for index, tokens in enumerate(stream.batches()):
         # On the model's device: the losses compare its logits with these tokens.
         tokens = tokens.to(model.device)
         keep = stream.keep_mask(tokens)
-        recorded: dict[str, torch.Tensor] = {}
-        clean = model.logits(tokens, replace={hook: lambda acts: recorded.setdefault("acts", acts)})
-        batch_sum = recorded["acts"][keep].double().sum(0)
+        if cut is None:
+            recorded: dict[str, torch.Tensor] = {}
+            clean = model.logits(tokens, replace={hook: lambda acts: recorded.setdefault("acts", acts)})
+            acts = recorded["acts"]
+        else:
+            baseline = cached[index] if index < len(cached) else None
+            if baseline is not None and not torch.equal(baseline.tokens, tokens.cpu()):
+                del cached[index:]  # the dataset changed under the same name: recompute from here on
+                baseline = None
+            acts = baseline.residual if baseline is not None and baseline.residual is not None else cut.prefix(tokens)
+            clean = cut.suffix(tokens, acts)
+        batch_sum = acts[keep].double().sum(0)
         mean_sum = batch_sum if mean_sum is None else mean_sum + batch_sum
         mean_count += int(keep.sum())
-        spliced = model.logits(tokens, replace={hook: splice(sae, keep)})
-        zero = model.logits(tokens, replace={hook: overwrite(keep, 0.0)})
-        mean = model.logits(tokens, replace={hook: overwrite(keep, (mean_sum / mean_count).float())})
+        mean_value = (mean_sum / mean_count).float()
+        if cut is None:
+            spliced = model.logits(tokens, replace={hook: splice(sae, keep)})
+            loss_zero = next_token_loss(model.logits(tokens, replace={hook: overwrite(keep, 0.0)}), tokens).item()
+            loss_mean = next_token_loss(model.logits(tokens, replace={hook: overwrite(keep, mean_value)}), tokens).item()
+        else:
+            spliced = cut.suffix(tokens, splice(sae, keep)(acts))
+            if baseline is None:
+                loss_zero = next_token_loss(cut.suffix(tokens, overwrite(keep, 0.0)(acts)), tokens).item()
+                loss_mean = next_token_loss(cut.suffix(tokens, overwrite(keep, mean_value)(acts)), tokens).item()
+                keep_residual = kept_bytes + acts.numel() * acts.element_size() <= RESIDUAL_CACHE_BYTES
+                kept_bytes += acts.numel() * acts.element_size() if keep_residual else 0
+                if index == len(cached):
+                    cached.append(BatchBaseline(tokens.cpu(), acts if keep_residual else None, loss_zero, loss_mean))
+            else:
+                loss_zero, loss_mean = baseline.loss_zero, baseline.loss_mean
         # Weighted by the batch's windows (all of the same length): the last batch may be short, and
         # every position must count alike in the averages.
         windows = tokens.shape[0]
         totals["clean"] += next_token_loss(clean, tokens).item() * windows
         totals["sae"] += next_token_loss(spliced, tokens).item() * windows
-        totals["zero"] += next_token_loss(zero, tokens).item() * windows
-        totals["mean"] += next_token_loss(mean, tokens).item() * windows
+        totals["zero"] += loss_zero * windows
+        totals["mean"] += loss_mean * windows
         totals["kl"] += kl_to_clean(clean, spliced).item() * windows
         n_windows += windows
         seen += tokens.numel()

@@ -361,3 +361,14 @@ class ReconstructionMetrics:
             "counts": [int(c) for c in counts.tolist()],
             "n_dead_excluded": int(density.numel() - alive.numel()),
         }
+
+
+def matched_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|cos| of each pair of the Hungarian matching between two dictionaries [n, d]."""
+    from scipy.optimize import linear_sum_assignment
+
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cosine = (a @ b.T).abs().double()
+    rows, cols = linear_sum_assignment(-cosine.numpy())
+    return cosine[torch.as_tensor(rows), torch.as_tensor(cols)]

@@ -21,6 +21,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from sae_kit.sae_folders import SYNTHETIC_KEY
 from sae_kit.seeding import derived_generator
 
 __all__ = [
@@ -315,7 +316,8 @@ class SyntheticSource:
     def __init__(self, dataset: PlantedDataset):
         self.dataset = dataset
         self.d_in = dataset.d
-        self.model_name = f"synthetic:{dataset.name}"
+        self.model_name = None  # planted features, no language model: see synthetic_dataset
+        self.synthetic_dataset = dataset.name
         self.hook_name = "planted"
 
     def _generator(self, seed: int, split: str, index: int) -> torch.Generator:
@@ -342,8 +344,8 @@ def write_synthetic_store(directory, dataset: PlantedDataset, *, tokens: int, se
 
     source = SyntheticSource(dataset)
     batches = source.iter_batches(chunk, seed=seed)
-    with ActivationStoreWriter(directory, d_in=dataset.d, dtype=dtype, model_name=source.model_name,
-                               hook_name=source.hook_name, metadata={"seed": seed}) as writer:
+    with ActivationStoreWriter(directory, d_in=dataset.d, dtype=dtype, model_name=None,
+                               hook_name=source.hook_name, metadata={"seed": seed, SYNTHETIC_KEY: dataset.name}) as writer:
         if writer.tokens_written:
             raise FileExistsError(f"{directory} already holds a store; choose a new --out")
         with tqdm(total=tokens, unit="tok", desc="synthetic store") as bar:

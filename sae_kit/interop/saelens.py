@@ -45,19 +45,18 @@ from sae_kit.interop.common import (
     restore_from_sidecar,
     unbiased_layer_norm_factor,
 )
-from sae_kit.sae import SAE
+from sae_kit.sae import ARCHITECTURES, SAE
+from sae_kit.sae.base import NotExportable
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 # The v6 layout we write; SAELens treats a config without a version as pre-6 and converts it.
 FORMAT_VERSION = "6.0.0"
-THRESHOLD_ARCHITECTURES = ("batchtopk", "mutual_choice", "feature_choice", "matryoshka", "jumprelu")
 
 
 # ------------------------------------------------------------------------------------------ export
 def export_config_and_tensors(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     cfg = sae.cfg
-    arch = cfg.architecture
     if cfg.normalize_activations == "layer_norm":
         raise FormatError(
             "SAELens cannot express this SAE's layer_norm input normalisation exactly (SAELens divides by the "
@@ -65,32 +64,11 @@ def export_config_and_tensors(sae: SAE) -> tuple[dict[str, Any], dict[str, torch
     base = {name: getattr(sae, name).detach().clone() for name in ("W_dec", "b_dec")}
     base["W_enc"] = sae.encoder_weight().detach().clone()
     base["b_enc"] = sae.b_enc.detach().clone()
-    extra: dict[str, Any] = {}
-    if arch == "topk":
-        saelens_arch, extra = "topk", {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
-    elif arch == "relu":
-        saelens_arch = "standard"
-    elif arch == "abstopk":
-        if sae.opts.selection != "token":
-            raise FormatError("SAELens cannot express batch-level AbsTopK (a global threshold on |u| keeping signs); "
-                              "only --opt selection=token exports")
-        saelens_arch, extra = "abstopk", {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
-    elif arch in THRESHOLD_ARCHITECTURES:
-        saelens_arch = "jumprelu"
-        base["threshold"] = sae.threshold.detach().to(sae.dtype_).clone()
-    elif arch == "gba":
-        saelens_arch = "jumprelu"
-        scale = sae.decoder_scale.detach() if sae.opts.tied else torch.ones_like(sae.b_enc)
-        if not bool((scale > 0).all()):
-            raise FormatError("SAELens' JumpReLU cannot express a GBA SAE with a non-positive latent scale "
-                              f"({int((scale <= 0).sum())} latents)")
-        base["W_enc"] = base["W_enc"] * scale
-        base["threshold"] = -sae.b_enc.detach() * scale
-        base["b_enc"] = torch.zeros_like(sae.b_enc)
-    else:
-        raise FormatError(f"SAELens has no architecture that computes a {arch!r} SAE's inference rule; "
-                          "exportable: topk, relu, abstopk (token), batchtopk, matryoshka, jumprelu, mutual_choice, "
-                          "feature_choice, gba")
+    try:  # each architecture maps itself (SAE.saelens_export in its own file)
+        saelens_arch, extra = sae.saelens_export(base)
+    except NotExportable as exc:
+        exportable = sorted(name for name, cls in ARCHITECTURES.items() if cls.saelens_export is not SAE.saelens_export)
+        raise FormatError(f"{exc}; exportable: {', '.join(exportable)}") from None
     normalize = "none"
     if cfg.normalize_activations == "unit_norm":
         # SAELens' constant_norm_rescale scales inputs to norm sqrt(d_in) where ours scales to 1.
@@ -156,7 +134,7 @@ def convert(path: Path) -> tuple[Converted, dict[str, torch.Tensor]]:
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int):
             raise FormatError(f"{path / CONFIG_FILE}: {key} must be an integer, got {cfg.get(key)!r}")
-    arch = cfg.get("architecture")
+    foreign_arch = cfg.get("architecture")  # SAELens' names (topk, abstopk, standard, jumprelu), not ours
     if cfg.get("reshape_activations", "none") != "none":
         raise FormatError(f"{path}: reshape_activations={cfg['reshape_activations']!r} (hook_z SAEs) is not supported; "
                           "our SAEs read flat [tokens, d_in] activations")
@@ -169,7 +147,7 @@ def convert(path: Path) -> tuple[Converted, dict[str, torch.Tensor]]:
                               "(SAELens folds it into the weights) before importing")
     notes: list[str] = []
     options: dict[str, Any] = {}
-    if arch == "topk":
+    if foreign_arch == "topk":
         ours, k = "topk", int(cfg.get("k", 32))
         if cfg.get("rescale_acts_by_decoder_norm"):
             norms = tensors["W_dec"].norm(dim=1)
@@ -177,13 +155,13 @@ def convert(path: Path) -> tuple[Converted, dict[str, torch.Tensor]]:
             tensors["b_enc"] = tensors["b_enc"] * norms
             tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
             notes.append("rescale_acts_by_decoder_norm folded into W_enc/b_enc/W_dec")
-    elif arch == "abstopk":
+    elif foreign_arch == "abstopk":
         ours, k = "abstopk", int(cfg.get("k", 32))
         if cfg.get("rescale_acts_by_decoder_norm"):
             raise FormatError(f"{path}: abstopk with rescale_acts_by_decoder_norm is not supported")
-    elif arch == "standard":
+    elif foreign_arch == "standard":
         ours, k = "relu", 32
-    elif arch == "jumprelu":
+    elif foreign_arch == "jumprelu":
         require(foreign, ("threshold",), path / WEIGHTS_FILE)
         ours, k = "jumprelu", int(cfg.get("k", 32))
         threshold = foreign["threshold"].float()
@@ -198,7 +176,7 @@ def convert(path: Path) -> tuple[Converted, dict[str, torch.Tensor]]:
         tensors["data_scale"] = torch.tensor(scale, dtype=torch.float32)
         tensors["bandwidth"] = torch.tensor(0.1 * scale, dtype=torch.float32)
     else:
-        raise FormatError(f"{path}: SAELens architecture {arch!r} has no sae-kit counterpart; "
+        raise FormatError(f"{path}: SAELens architecture {foreign_arch!r} has no sae-kit counterpart; "
                           "importable: topk, abstopk, standard, jumprelu")
     if not cfg.get("apply_b_dec_to_input", True):
         tensors = fold_input_bias(tensors)

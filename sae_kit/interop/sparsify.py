@@ -41,7 +41,7 @@ WEIGHTS_FILE = "sae.safetensors"
 
 def export_config_and_tensors(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     cfg = sae.cfg
-    if cfg.architecture != "topk":
+    if not sae.sparsify_exportable:
         raise FormatError(
             f"sparsify cannot express a {cfg.architecture!r} SAE: its only sparsifier is a per-token TopK (or GroupMax) "
             "with no thresholds, adapted biases or signed codes; export it to SAELens instead, or train --arch topk")

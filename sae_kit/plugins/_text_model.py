@@ -17,11 +17,12 @@ class ModelWindows:
     def __init__(self, plugin: str, trainer: Any, model: str, hook: str, dataset: str, context: int, windows: int):
         from sae_kit.harvest import HarvestConfig, WindowStream
         from sae_kit.models import load_model
+        from sae_kit.sae_folders import synthetic_dataset
 
         metadata = trainer.sae.cfg.metadata
         model_name = model or trainer.cfg.model or metadata.get("model_name")
         hook = hook or trainer.cfg.hook or metadata.get("hook_name")
-        if not model_name or not hook or str(model_name).startswith("synthetic"):
+        if not model_name or not hook or synthetic_dataset({"model_name": model_name}):
             raise ConfigError(f"{plugin} needs a language model and a hook: train on a harvested store or with "
                               "--model/--hook, or pass the plugin options model=NAME_OR_FOLDER,hook=HOOK_NAME")
         self.model = load_model(model_name)

@@ -61,7 +61,7 @@ class ARL(Plugin):
 
     @dataclass
     class Options:
-        sources: str = option("auto", "activation-store folders joined by '+', or auto (synthetic data)")
+        sources: str = option("auto", "activation-store folders joined by '+', or auto (synthetic data)", path="stores")
         count: int = option(2, "number of synthetic sources with sources=auto")
         temperature: float = option(8.0, "softmax temperature T on the normalised inverse variances")
         warmup: float = option(0.05, "fraction of the run with uniform weights")

@@ -43,7 +43,7 @@ class CoLoRFilter(Plugin):
 
     @dataclass
     class Options:
-        target: str = option("auto", "target-domain activation store, or auto (synthetic data: reversed profile)")
+        target: str = option("auto", "target-domain activation store, or auto (synthetic data: reversed profile)", path="store")
         keep_one_in: int = option(4, "τ: candidates drawn per kept token")
         helper_d_sae: int = option(0, "latents of the helper SAEs (0: a quarter of the run's)")
         helper_steps: int = option(200, "training steps of the prior helper on the pool")
@@ -70,8 +70,6 @@ class CoLoRFilter(Plugin):
         return store
 
     def setup(self, trainer) -> None:
-        from sae_kit.train.trainer import Trainer
-
         self.target = self.target_source(trainer)
         cfg = trainer.cfg
         helper_cfg = copy.deepcopy(trainer.sae.cfg)
@@ -83,13 +81,11 @@ class CoLoRFilter(Plugin):
         base = dict(d_sae=helper_cfg.d_sae, plugins=[], eval_every=10**9, checkpoint_every=10**9, log_every=50)
         prior_cfg = replace(cfg, out=str(Path(cfg.out) / "color_filter" / "prior"),
                             tokens=self.opts.helper_steps * cfg.batch_size, **base)
-        prior = Trainer(prior_cfg, trainer.source).run()
+        prior = trainer.train_helper(prior_cfg, trainer.source)
         lr = 0.3 * (cfg.lr or type(prior).default_lr(helper_cfg.d_sae))
         conditional_cfg = replace(cfg, out=str(Path(cfg.out) / "color_filter" / "conditional"), lr=lr,
                                   tokens=self.opts.target_steps * cfg.batch_size, warmup_steps=0, **base)
-        tuner = Trainer(conditional_cfg, self.target)
-        tuner.sae.load_state_dict(prior.state_dict())  # in place: the tuner's optimizer keeps its parameters
-        conditional = tuner.run()
+        conditional = trainer.train_helper(conditional_cfg, self.target, init=prior)
         self.modules["prior"].load_state_dict(prior.state_dict())
         self.modules["conditional"].load_state_dict(conditional.state_dict())
 

@@ -42,8 +42,6 @@ class Distill(Plugin):
             raise ConfigError("distill: teachers must be >= 1 and anchor >= 0")
 
     def setup(self, trainer) -> None:
-        from sae_kit.train.trainer import Trainer
-
         for k in range(self.opts.teachers):
             teacher = create_sae(copy.deepcopy(trainer.sae.cfg)).requires_grad_(False)
             self.modules[f"teacher{k}"] = teacher
@@ -52,7 +50,7 @@ class Distill(Plugin):
         for k in range(self.opts.teachers):
             cfg = replace(trainer.cfg, out=str(Path(trainer.cfg.out) / "distill" / f"teacher{k}"),
                           seed=trainer.cfg.seed + 1 + k, plugins=[])
-            trained = Trainer(cfg, trainer.source).run()
+            trained = trainer.train_helper(cfg, trainer.source)
             self.modules[f"teacher{k}"].load_state_dict(trained.state_dict())
 
     def teachers(self) -> list:

@@ -42,9 +42,9 @@ class DownstreamKL(TextModelPlugin):
 
     @dataclass
     class Options:
-        model: str = option("", "language model (default: the run's --model or the store's model_name)")
+        model: str = option("", "language model (default: the run's --model or the store's model_name)", path="model")
         hook: str = option("", "hook the SAE reads (default: the run's --hook or the store's hook_name)")
-        dataset: str = option("default", "text for the KL phase (train split) and the evaluation (held-out split)")
+        dataset: str = option("default", "text for the KL phase (train split) and the evaluation (held-out split)", path="dataset")
         context: int = option(64, "tokens per window")
         windows: int = option(4, "text windows per step in the phase")
         kl_weight: float = option(1.0, "weight of the KL term (0: evaluation only)")

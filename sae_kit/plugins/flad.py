@@ -66,7 +66,7 @@ class _FLAD(Plugin):
 
     @dataclass
     class Options:
-        sources: str = option("auto", "activation-store folders joined by '+', or auto (synthetic data)")
+        sources: str = option("auto", "activation-store folders joined by '+', or auto (synthetic data)", path="stores")
         count: int = option(4, "number of synthetic sources with sources=auto")
         every: int = option(10, "steps between reward updates (the paper's G)")
         beta: float = option(0.5, "reward smoothing β")

@@ -81,9 +81,9 @@ class MaskTune(Plugin):
 
     @dataclass
     class Options:
-        pretrained: str = option("auto", "SAE folder to transfer, or auto: train one in setup on pretrain_data")
+        pretrained: str = option("auto", "SAE folder to transfer, or auto: train one in setup on pretrain_data", path="sae")
         pretrain_data: str = option("auto", "with pretrained=auto: an activation store, or auto (synthetic: the "
-                                            "run's dictionary with the firing profile reversed)")
+                                            "run's dictionary with the firing profile reversed)", path="store")
         pretrain_steps: int = option(0, "with pretrained=auto: training steps (0: as many as the run)")
         consistency: float = option(0.1, "weight of ‖x̂ − x̂_pretrained‖² / Var (the forgetting regulariser)")
         threshold: float = option(0.5, "mask weights above it keep their encoder entry (they start at 1)")
@@ -119,7 +119,6 @@ class MaskTune(Plugin):
     def pretrained_sae(self, trainer):
         if self.opts.pretrained != "auto":
             return load_sae(self.opts.pretrained)
-        from sae_kit.train.trainer import Trainer
 
         if self.opts.pretrain_data == "auto":
             from sae_kit.eval.synthetic import SyntheticSource
@@ -137,7 +136,7 @@ class MaskTune(Plugin):
         steps = self.opts.pretrain_steps or cfg.total_steps
         pre_cfg = replace(cfg, out=str(Path(cfg.out) / "mask_tune" / "pretrained"), plugins=[],
                           tokens=steps * cfg.batch_size, eval_every=steps, checkpoint_every=steps, progress=False)
-        return Trainer(pre_cfg, source).run()
+        return trainer.train_helper(pre_cfg, source)
 
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         if self.opts.tune == "none" or self.opts.consistency == 0:

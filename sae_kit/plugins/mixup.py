@@ -111,7 +111,7 @@ class MixUp(Plugin):
         x_mix = lam[:, None] * x[i] + (1 - lam[:, None]) * x[j]
         codes = ctx.out.codes.detach()
         rows = lambda index: SparseCodes(codes.indices[index], codes.values[index], codes.d_sae)  # noqa: E731
-        target = mixed_target(rows(i), rows(j), lam.to(codes.values.dtype), sae.cfg.k if sae.uses_k else None)
+        target = mixed_target(rows(i), rows(j), lam.to(codes.values.dtype), ctx.k if sae.uses_k else None)
         terms = {}
         keep = torch.ones(x_mix.shape[0], dtype=torch.bool)
         if self.opts.discriminator:

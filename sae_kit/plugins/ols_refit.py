@@ -38,7 +38,7 @@ RIDGE = 1e-6
 def refit_codes(sae: "SAE", x_n: torch.Tensor, codes: SparseCodes, steps: int = 100,
                 signed: bool | None = None) -> SparseCodes:
     """Least-squares magnitudes on the support of ``codes`` (normalised space); same indices, same L0."""
-    signed = sae.architecture == "abstopk" if signed is None else signed
+    signed = sae.signed_codes if signed is None else signed
     active = codes.active
     # Padding slots get zero rows: with the ridge their solution is exactly 0, so they stay inactive.
     D = sae.W_dec.detach()[codes.indices] * active.unsqueeze(-1).to(sae.W_dec.dtype)  # [B, K, d]

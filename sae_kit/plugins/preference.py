@@ -83,7 +83,7 @@ class Preference(Plugin):
 
     @dataclass
     class Options:
-        pairs: str = option("auto", "safetensors file of (preferred, rejected[, concept]) pairs, or auto (synthetic data)")
+        pairs: str = option("auto", "safetensors file of (preferred, rejected[, concept]) pairs, or auto (synthetic data)", path="file")
         coefficient: float = option(0.1, "weight of the preference loss")
         batch_pairs: int = option(64, "pairs per step")
         first_latent: int = option(0, "concept c is anchored on latent first_latent + c")

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from sae_kit.eval.metrics import matched_cosines
 from sae_kit.plugins.api import Ablation, Plugin, option
 
 
@@ -65,17 +66,6 @@ def agreement(sae_a, sae_b, xs: list[torch.Tensor]) -> dict[str, float]:
             "functional_fvu": error / max(spread, 1e-12)}
 
 
-def matched_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|cos| of each pair of the Hungarian matching between two dictionaries [n, d]."""
-    from scipy.optimize import linear_sum_assignment
-
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    cosine = (a @ b.T).abs().double()
-    rows, cols = linear_sum_assignment(-cosine.numpy())
-    return cosine[torch.as_tensor(rows), torch.as_tensor(cols)]
-
-
 class SplitAgreement(Plugin):
     name = "split_agreement"
     paper = "Generalization in diffusion models (geometry-adaptive harmonic representations)"
@@ -90,11 +80,9 @@ class SplitAgreement(Plugin):
 
     def setup(self, trainer) -> None:
         self.original_source = trainer.source
-        trainer.source = HalfSource(trainer.source, parity=0)
+        trainer.replace_source(HalfSource(trainer.source, parity=0))
 
     def evaluate(self, sae, trainer) -> dict[str, Any]:
-        from sae_kit.train.trainer import Trainer
-
         cfg = trainer.cfg
         if self.opts.mode == "disjoint":
             other = HalfSource(self.original_source, parity=1)
@@ -102,7 +90,7 @@ class SplitAgreement(Plugin):
             other = HalfSource(self.original_source, parity=0, data_seed=cfg.seed)
         second_cfg = replace(cfg, out=str(Path(cfg.out) / "split_agreement" / "second"), seed=cfg.seed + 1, plugins=[],
                              eval_every=10**9, checkpoint_every=10**9)
-        second = Trainer(second_cfg, other).run().eval()
+        second = trainer.train_helper(second_cfg, other).eval()
         batches = self.original_source.iter_batches(min(cfg.batch_size, cfg.eval_tokens), split="heldout",
                                                     seed=cfg.seed, epochs=1, drop_last=False,
                                                     heldout_fraction=cfg.heldout_fraction)

@@ -91,9 +91,9 @@ class TextAug(TextModelPlugin):
 
     @dataclass
     class Options:
-        model: str = option("", "language model (default: the run's --model or the store's model_name)")
+        model: str = option("", "language model (default: the run's --model or the store's model_name)", path="model")
         hook: str = option("", "hook the SAE reads (default: the run's --hook or the store's hook_name)")
-        dataset: str = option("default", "text to augment (train split)")
+        dataset: str = option("default", "text to augment (train split)", path="dataset")
         context: int = option(64, "tokens per window")
         windows: int = option(4, "windows augmented per step")
         alpha: float = option(0.1, "EDA α: fraction of words each operation touches")

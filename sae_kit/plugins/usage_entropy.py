@@ -36,6 +36,9 @@ class UsageEntropy(Plugin):
     paper = "GigaTok (entropy loss)"
     summary = "loss: spread soft latent usage over the batch (maximise H(mean softmax(u/τ)))"
     ablation = Ablation(metric="dead_fraction", higher_is_better=False, options={"coefficient": 0.01})
+    # The softmax spans every latent, so its gradient needs the dense pre-activations: the sparse
+    # kernels would hand this plugin a u without gradient.
+    needs_dense_pre_activations = True
 
     @dataclass
     class Options:
@@ -48,13 +51,8 @@ class UsageEntropy(Plugin):
         if not self.opts.temperature > 0:
             raise ConfigError(f"usage_entropy: temperature must be > 0, got {self.opts.temperature}")
 
-    def setup(self, trainer) -> None:
-        # The softmax spans every latent, so its gradient needs the dense pre-activations: the
-        # sparse kernels would hand this plugin a u without gradient.
-        trainer.sae.sparse_training = False
-
     def loss_terms(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         h_sample, h_batch = usage_entropies(ctx.out.pre_activations, self.opts.temperature,
-                                            signed=ctx.sae.architecture == "abstopk")
+                                            signed=ctx.sae.signed_codes)
         ctx.logs["usage_entropy/h_batch"] = h_batch.item()
         return {"entropy": self.opts.coefficient * (self.opts.sample_weight * h_sample - self.opts.batch_weight * h_batch)}

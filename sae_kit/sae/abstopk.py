@@ -18,7 +18,7 @@ import torch
 
 from sae_kit.codes import SparseCodes
 from sae_kit.config import SAEConfig
-from sae_kit.sae.base import SAE, TrainingOutput, register
+from sae_kit.sae.base import SAE, NotExportable, TrainingOutput, register
 
 
 @dataclass
@@ -33,6 +33,12 @@ class AbsTopKSAE(SAE):
     Options = AbsTopKOptions
     signed_codes = True
 
+    def saelens_export(self, tensors):
+        if self.opts.selection != "token":
+            raise NotExportable("SAELens cannot express batch-level AbsTopK (a global threshold on |u| keeping signs); "
+                                "only --opt selection=token exports")
+        return "abstopk", {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.register_threshold()
@@ -40,7 +46,7 @@ class AbsTopKSAE(SAE):
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
         magnitude = pre.abs()
         if self.opts.selection == "token":
-            indices = magnitude.topk(min(self.cfg.k, self.cfg.d_sae), dim=1).indices
+            indices = magnitude.topk(self.k, dim=1).indices
             return SparseCodes(indices, pre.gather(1, indices), self.cfg.d_sae)
         return self.batch_level_select(magnitude, pre)
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,10 @@ from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig, parse_options
 from sae_kit.fileio import atomic_write
 from sae_kit.kernels import batch_top_entries, dense_pre_activations, gather_pre_activations, sparse_decode
+
+class NotExportable(ConfigError):
+    """Another library has no rule that computes this SAE's inference exactly."""
+
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -88,6 +93,15 @@ class SAE(nn.Module):
     feature_major_pre_activations: ClassVar[bool] = False
     # Whether selected values keep their sign (AbsTopK) instead of being ReLU'd.
     signed_codes: ClassVar[bool] = False
+    # Whether sparsify's SparseCoder (a per-token TopK of relu(u), no normalisation) is this SAE's rule.
+    sparsify_exportable: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Refuse a config this architecture cannot build, before anything is allocated or written."""
+        if cls.uses_k and cfg.k > cfg.d_sae:
+            raise ConfigError(f"k={cfg.k} is larger than d_sae={cfg.d_sae}: a {cls.architecture} SAE keeps at most "
+                              "d_sae latents per token; lower k or raise d_sae/expansion")
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -95,6 +109,7 @@ class SAE(nn.Module):
             cfg.normalize_activations = "none"
         if cfg.architecture != self.architecture:
             raise ConfigError(f"{type(self).__name__} needs architecture={self.architecture!r}, got {cfg.architecture!r}")
+        self.check_config(cfg)
         if cfg.normalize_activations is None:
             cfg.normalize_activations = self.default_normalization
         self.cfg = cfg
@@ -123,6 +138,7 @@ class SAE(nn.Module):
         # Dead-latent tracking is counted in tokens, not steps, so it does not depend on batch size.
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self._pre_buffer: torch.Tensor | None = None
+        self._step_k: int | None = None
 
     # ------------------------------------------------------------- transcoders
     @property
@@ -170,6 +186,11 @@ class SAE(nn.Module):
         """Unit-norm feature directions [d_sae, d_in] (in normalised input space)."""
         W = self.W_dec.detach().float()
         return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @classmethod
+    def short_run_options(cls) -> dict[str, Any]:
+        """Options for runs of ~10^3 steps (benchmarks, ablations) where the defaults assume far more."""
+        return {}
 
     @classmethod
     def default_lr(cls, d_sae: int) -> float:
@@ -317,6 +338,22 @@ class SAE(nn.Module):
         return self.tokens_since_fired >= self.cfg.dead_tokens_threshold
 
     @property
+    def k(self) -> int:
+        """The k the selection uses: cfg.k, or the training step's k inside ``using_k``."""
+        return self.cfg.k if self._step_k is None else self._step_k
+
+    @contextmanager
+    def using_k(self, k: int) -> Iterator[None]:
+        """Select with ``k`` for one training step (plugins' schedules) without touching cfg.k."""
+        if not 1 <= k <= self.cfg.d_sae:
+            raise ConfigError(f"the step's k must be in [1, d_sae={self.cfg.d_sae}], got {k}")
+        before, self._step_k = self._step_k, k
+        try:
+            yield
+        finally:
+            self._step_k = before
+
+    @property
     def k_aux(self) -> int:
         return self.cfg.k_aux or max(self.cfg.d_in // 2, 1)
 
@@ -339,7 +376,7 @@ class SAE(nn.Module):
         smallest selected score feeds the threshold EMA), ``score > threshold`` at inference."""
         if not self.training:
             return SparseCodes.from_mask(values, score > self.threshold)
-        total = self.cfg.k * data_parallel.global_rows(score.shape[0])
+        total = self.k * data_parallel.global_rows(score.shape[0])
         if data_parallel.active():  # the global batch's top k·B: the entries at or above its k·B-th largest
             cutoff = data_parallel.global_kth_largest(score.detach(), total)
             rows, cols = ((score.detach() >= cutoff) & (score.detach() > 0)).nonzero(as_tuple=True)
@@ -378,12 +415,28 @@ class SAE(nn.Module):
         grad = self.W_dec.grad
         if grad is None:
             return
-        directions = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        grad -= (grad * directions).sum(dim=1, keepdim=True) * directions
+        # g -= (g·w / w·w) w per row: two row-wise dot products and one fused update, no [d_sae, d_in]
+        # temporaries (the unit directions, their product with g) as the textbook form builds.
+        W = self.W_dec.detach()
+        coefficient = torch.linalg.vecdot(grad, W) / torch.linalg.vecdot(W, W).clamp_min(1e-24)
+        grad.addcmul_(W, coefficient[:, None], value=-1)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min_(1e-12))
+
+    # ------------------------------------------------------------------ interop
+    def saelens_export(self, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+        """This SAE as SAELens computes it: (SAELens architecture, extra cfg keys); ``tensors``
+        (W_enc, b_enc, W_dec, b_dec) may be rewritten in place. Raise NotExportable when SAELens has
+        no architecture with the same inference rule."""
+        raise NotExportable(f"SAELens has no architecture that computes a {self.architecture!r} SAE's inference rule")
+
+    def saelens_threshold_export(self, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+        """Batch-level rules at inference: SAELens computes relu(u)·1[u > θ], ours keeps relu(u) where
+        relu(u) > θ, the same for every θ."""
+        tensors["threshold"] = self.threshold.detach().clone()
+        return "jumprelu", {}
 
     # -------------------------------------------------------------- save/load
     def config_dict(self) -> dict[str, Any]:

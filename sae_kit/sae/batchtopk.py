@@ -25,6 +25,7 @@ class BatchTopKOptions:
 @register
 class BatchTopKSAE(SAE):
     architecture = "batchtopk"
+    saelens_export = SAE.saelens_threshold_export
     Options = BatchTopKOptions
 
     def __init__(self, cfg: SAEConfig):

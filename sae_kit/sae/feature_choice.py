@@ -31,6 +31,7 @@ class FeatureChoiceOptions(ZipfOptions):
 @register
 class FeatureChoiceSAE(ZipfAuxMixin, SAE):
     architecture = "feature_choice"
+    saelens_export = SAE.saelens_threshold_export
     Options = FeatureChoiceOptions
     feature_major_pre_activations = True
 
@@ -39,7 +40,7 @@ class FeatureChoiceSAE(ZipfAuxMixin, SAE):
         self.register_threshold()
 
     def capacities(self, batch_size: int) -> torch.Tensor:
-        budget = self.cfg.k * batch_size
+        budget = self.k * batch_size
         if self.opts.capacity == "uniform":
             return torch.full((self.cfg.d_sae,), max(1, round(budget / self.cfg.d_sae)), dtype=torch.int64)
         profile = zipf_profile(self.cfg.d_sae, self.opts.zipf_alpha, self.opts.zipf_beta)

@@ -29,7 +29,7 @@ import torch.nn as nn
 from sae_kit import data_parallel
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig
-from sae_kit.sae.base import SAE, register
+from sae_kit.sae.base import SAE, NotExportable, register
 
 
 @dataclass
@@ -51,6 +51,24 @@ class GBASAE(SAE):
     Options = GBAOptions
     default_normalization = "unit_norm"
     trains_encoder_bias = False
+
+    @classmethod
+    def short_run_options(cls):
+        # The paper adapts biases by 0.01·r every 50 steps over ~10^5 steps; a run of ~10^3 steps
+        # adapts every 5 steps by 0.05·r (same rule, a compressed schedule).
+        return {"adapt_every": 5, "gamma_up": 0.05, "gamma_down": 0.05}
+
+    def saelens_export(self, tensors):
+        """JumpReLU with b_enc = 0, θ = −b·a and W_enc scaled by the latent scale a (the gate y0 > −b is
+        y0·a > −b·a when a > 0; refused otherwise)."""
+        scale = self.decoder_scale.detach() if self.opts.tied else torch.ones_like(self.b_enc)
+        if not bool((scale > 0).all()):
+            raise NotExportable("SAELens' JumpReLU cannot express a GBA SAE with a non-positive latent scale "
+                                f"({int((scale <= 0).sum())} latents)")
+        tensors["W_enc"] = tensors["W_enc"] * scale
+        tensors["threshold"] = -self.b_enc.detach() * scale
+        tensors["b_enc"] = torch.zeros_like(self.b_enc)
+        return "jumprelu", {}
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

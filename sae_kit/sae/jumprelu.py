@@ -135,6 +135,11 @@ class JumpReLUSAE(SAE):
     def sparsity_settings(cls, target_l0: int) -> dict[str, Any]:
         return {"options": {"target_l0": int(target_l0)}}
 
+    def saelens_export(self, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+        """SAELens' jumprelu is the same rule, relu(u)·1[u > θ] with θ ≥ 0; θ (fp32 here) in the SAE's dtype."""
+        tensors["threshold"] = self.threshold.detach().to(self.dtype_).clone()
+        return "jumprelu", {}
+
     # ------------------------------------------------------------------ set-up
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:

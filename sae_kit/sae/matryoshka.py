@@ -73,6 +73,7 @@ def prefix_widths(opts: MatryoshkaOptions, d_sae: int) -> list[int]:
 class MatryoshkaSAE(SAE):
     architecture = "matryoshka"
     Options = MatryoshkaOptions
+    saelens_export = SAE.saelens_threshold_export  # SAELens saves Matryoshka BatchTopK as jumprelu too
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

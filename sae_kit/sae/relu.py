@@ -24,6 +24,9 @@ class ReluSAE(SAE):
     # Every positive pre-activation is a code: nothing to gain from the sparse kernels.
     sparse_training = False
     uses_k = False
+
+    def saelens_export(self, tensors):
+        return "standard", {}
     Options = ReluOptions
 
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:

@@ -14,9 +14,13 @@ from sae_kit.sae.base import SAE, TrainingOutput, register
 @register
 class TopKSAE(SAE):
     architecture = "topk"
+    sparsify_exportable = True
+
+    def saelens_export(self, tensors):
+        return "topk", {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
 
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
-        values, indices = pre.topk(min(self.cfg.k, self.cfg.d_sae), dim=1)
+        values, indices = pre.topk(self.k, dim=1)
         return SparseCodes(indices, values.relu(), self.cfg.d_sae)
 
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ L0 on held-out samples. On the signed dataset cosines are taken in absolute valu
 latents per recovered feature (AbsTopK should need one per signed feature, TopK two: +v and −v).
 
 Settings are the same for every architecture of a dataset (width, k, steps, batch, lr); the only
-per-architecture settings are listed in ``ARCH_OPTIONS`` with the reason.
+per-architecture settings come from each architecture's ``short_run_options()``, with the reason.
 """
 from __future__ import annotations
 
@@ -43,12 +43,6 @@ DATASETS = {
     "signed": DatasetSettings(d_sae=256, k=4, steps=800, absolute=True),
 }
 
-ARCH_OPTIONS: dict[str, dict[str, Any]] = {
-    # The paper adapts biases by 0.01·r every 50 steps over ~10^5 steps; this budget has ~10^3, so
-    # adaptation runs every 5 steps with 0.05·r steps (same rule, a compressed schedule).
-    "gba": {"adapt_every": 5, "gamma_up": 0.05, "gamma_down": 0.05},
-}
-
 LEARNING_RATE = 1e-3  # Sharkey et al.'s toy setting; the default width-scaled lr is for LLM widths
 DEAD_TOKENS = 100_000  # ~100 steps: 10M tokens would exceed the whole run
 EVAL_TOKENS = 32_768
@@ -80,7 +74,7 @@ def run_one(name, dataset, settings: DatasetSettings, label: str, arch: str, k: 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sae-kit-bench-") as out:
         cfg = TrainConfig(
-            out=out, architecture=arch, k=k, d_sae=settings.d_sae, options=dict(ARCH_OPTIONS.get(arch, {})),
+            out=out, architecture=arch, k=k, d_sae=settings.d_sae, options=ARCHITECTURES[arch].short_run_options(),
             lr=LEARNING_RATE, batch_size=settings.batch_size, tokens=steps * settings.batch_size, warmup_steps=50,
             dead_tokens_threshold=DEAD_TOKENS, eval_every=steps, eval_tokens=EVAL_TOKENS,
             checkpoint_every=steps, log_every=max(1, steps // 20), seed=seed, progress=progress,

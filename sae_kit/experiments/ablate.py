@@ -19,17 +19,19 @@ import math
 import shlex
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from sae_kit.eval.metrics import feature_recovery_rate, mmcs
-from sae_kit.eval.synthetic import SyntheticSource, make_dataset, write_synthetic_store
+from sae_kit.eval.metrics import feature_recovery_rate, matched_cosines, mmcs
+from sae_kit.config import registered_architectures, setting
+from sae_kit.eval.synthetic import DATASET_NAMES, SyntheticSource, make_dataset, write_synthetic_store
 from sae_kit.fileio import atomic_write
-from sae_kit.plugins.api import Ablation, get_plugin, parse_plugin_spec
+from sae_kit.plugins.api import Ablation, get_plugin
+from sae_kit.train.plugin_set import parse_plugin_spec
 
 SIDE_METRICS = ("fvu", "l0_mean", "dead_fraction", "mmcs", "frr@0.9", "stability")
 LOWER_IS_BETTER = {"fvu": True, "l0_mean": True, "dead_fraction": True, "mmcs": False, "frr@0.9": False,
@@ -40,21 +42,21 @@ LOWER_IS_BETTER = {"fvu": True, "l0_mean": True, "dead_fraction": True, "mmcs": 
 class AblationSettings:
     """One ablation's shared settings; the defaults are small enough for a CPU in about a minute."""
 
-    plugin: str  # NAME[:key=value,...]
-    arch: str = "topk"
-    data: str = "synthetic"  # or an activation store folder
-    seeds: int = 3
-    dataset: str | None = None  # planted set for synthetic data (default: the plugin's choice)
-    d_in: int = 64
-    features: int = 256
-    d_sae: int = 512
-    k: int = 5
-    steps: int = 500
-    batch_size: int = 256
-    lr: float = 1e-3
-    dead_tokens: int = 25_000
-    eval_tokens: int = 16_384
-    threads: int | None = None
+    plugin: str = setting(help="the plugin and its options", metavar="NAME[:KEY=VALUE,...]")
+    arch: str = setting("topk", "SAE architecture", choices=lambda: sorted(registered_architectures()))
+    data: str = setting("synthetic", "'synthetic' (planted features) or an activation store folder")
+    seeds: int = setting(3, "seeds (paired runs)")
+    dataset: str | None = setting(None, "planted set (default: the plugin's)", choices=lambda: DATASET_NAMES)
+    d_in: int = setting(64, "synthetic activation width")
+    features: int = setting(256, "synthetic planted features")
+    d_sae: int = setting(512, "number of latents")
+    k: int = setting(5, "active latents per token")
+    steps: int = setting(500, "training steps per run")
+    batch_size: int = setting(256, "tokens per step")
+    lr: float = setting(1e-3, "learning rate")
+    dead_tokens: int = setting(25_000, "dead-latent threshold in tokens")
+    eval_tokens: int = setting(16_384, "held-out tokens per evaluation")
+    threads: int | None = setting(None, "torch CPU threads")
 
     def command(self) -> str:
         """The ``sae-kit ablate`` command line that reproduces these settings."""
@@ -93,9 +95,7 @@ def _train_one(settings: AblationSettings, ablation: Ablation, source, out: Path
         checkpoint_every=steps, log_every=max(1, steps // 20), seed=seed, threads=settings.threads,
         progress=False, plugins=plugins,
     )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    cfg.__post_init__()
+    cfg = replace(cfg, **overrides)
     trainer = Trainer(cfg, source)
     sae = trainer.run()
     return sae, json.loads((out / "sae" / "eval.json").read_text())
@@ -103,8 +103,6 @@ def _train_one(settings: AblationSettings, ablation: Ablation, source, out: Path
 
 def matched_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean |cos| of the Hungarian matching between two dictionaries [n, d] (stability across seeds)."""
-    from sae_kit.plugins.split_agreement import matched_cosines
-
     return float(matched_cosines(a, b).mean())
 
 

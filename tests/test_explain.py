@@ -1,0 +1,123 @@
+"""sae-kit explain on the tiny served folder: disjoint sets, the rule judge and its controls, the
+local backend on a tiny random HF model, and an OpenAI-compatible fake on loopback (real HTTP)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from sae_kit.explain import ExplainConfig, run_explain
+from sae_kit.explain.backends import BackendError, OpenAIBackend
+from sae_kit.explain.examples import load_examples
+from sae_kit.feature_store import FeatureStore, export_explanations, import_explanations
+from tiny_served import build_served_root
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return build_served_root(tmp_path_factory.mktemp("explain"), analysis_tokens=1024)
+
+
+def test_scoring_set_is_disjoint_from_the_explanation_set(root):
+    store = root / "saes" / "main" / "features.sqlite"
+    for fx in load_examples(store, list(range(96))).values():
+        shown = {e.window for e in fx.explain}
+        assert not shown & {e.window for e in fx.heldout + fx.negatives}
+        assert all(e.active for e in fx.heldout) and not any(e.active for e in fx.negatives)
+
+
+def test_rule_run_scores_controls_resumes_and_exports(root, tmp_path):
+    sae = root / "saes" / "main"
+    result = run_explain(sae, ExplainConfig(backend="none", progress=False))
+    assert result.done and result.summary["shuffled"]["detection.balanced_accuracy"]["n"] == len(result.done)
+    real = result.summary["explanation"]["detection.balanced_accuracy"]["mean"]
+    shuffled = result.summary["shuffled"]["detection.balanced_accuracy"]["mean"]
+    assert real > shuffled and abs(shuffled - 0.5) < 0.15
+    again = run_explain(sae, ExplainConfig(backend="none", progress=False))
+    assert again.done == []  # everything was committed: nothing to redo
+    store = FeatureStore(sae / "features.sqlite")
+    f = store.feature(result.done[0])
+    assert f["explanation"] == f["explanations"]["explanation"]["text"] and f["explanations"]["explanation"]["verdicts"]
+    word = f["explanation"].split('"')[1]
+    if word.strip().isalnum():
+        assert result.done[0] in [h["index"] for h in store.search_explanations(word, limit=200)[1]]
+    data = export_explanations(sae / "features.sqlite")
+    with pytest.raises(ValueError, match="format"):
+        import_explanations(sae / "features.sqlite", {"records": []})
+    assert import_explanations(sae / "features.sqlite", json.loads(json.dumps(data))) == len(data["records"])
+
+
+def test_local_backend_on_a_tiny_model(root):
+    result = run_explain(root / "saes" / "main", ExplainConfig(backend="local", model=str(root / "model"), limit=3,
+                                                               max_tokens=4, redo=True, progress=False))
+    assert result.usage["requests"] > 0 and result.usage["prompt_tokens"] > 0
+    for role in ("explanation", "token_rule", "shuffled"):
+        assert role in result.summary
+
+
+class _Fake(BaseHTTPRequestHandler):
+    mode = "ok"
+    calls = 0
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).calls += 1
+        assert body.get("stream") in (False, None)
+        if self.mode == "error":
+            return self._send(500, {"error": {"message": "boom"}})
+        if self.mode == "auth":
+            return self._send(401, {"error": {"message": "bad key"}})
+        if self.mode == "slow":
+            time.sleep(2)
+        text = "maybe?" if self.mode == "malformed" else ("Yes" if "<<" in body["messages"][-1]["content"] else "No")
+        if body["max_tokens"] > 3:
+            text = "The feature fires on tokens of names."
+        self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}})
+
+    def _send(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture(scope="module")
+def fake():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_openai_backend_against_a_loopback_fake(root, fake):
+    _Fake.mode = "ok"
+    backend = OpenAIBackend(fake, "fake-model", timeout=5, retries=0, concurrency=4)
+    result = run_explain(root / "saes" / "main", ExplainConfig(backend="openai", limit=2, redo=True, progress=False),
+                         backend=backend)
+    assert result.usage["prompt_tokens"] == 10 * result.usage["requests"]
+    store = FeatureStore(root / "saes" / "main" / "features.sqlite")
+    assert store.feature(result.done[0])["explanation"] == "The feature fires on tokens of names."
+    _Fake.mode = "malformed"
+    assert backend.yes_probability([[{"role": "user", "content": "x"}]] * 3) == [None, None, None]
+    _Fake.mode = "slow"
+    slow = OpenAIBackend(fake, "fake-model", timeout=0.5, retries=1)
+    with pytest.raises(BackendError, match="every request"):
+        slow.yes_probability([[{"role": "user", "content": "x"}]])
+    _Fake.mode, _Fake.calls = "error", 0
+    with pytest.raises(BackendError, match="every request"):
+        OpenAIBackend(fake, "fake-model", timeout=5, retries=2).yes_probability([[{"role": "user", "content": "x"}]])
+    assert _Fake.calls == 3  # the client's retries with backoff
+    _Fake.mode = "auth"
+    with pytest.raises(BackendError, match="refused"):
+        OpenAIBackend(fake, "fake-model", retries=0).yes_probability([[{"role": "user", "content": "x"}]])
