@@ -168,6 +168,8 @@ class TrainConfig(SAESettings):
     dataset: str = setting("default", "text dataset for --model: 'default', a local file/folder, or a hub name")
     context: int = setting(128, "tokens per context window for --model")
     out: str = setting("runs/sae", "run folder (checkpoints, metrics, report, final SAE)")
+    target_l0: int | None = setting(None, "train at about this mean L0: sets the architecture's own sparsity knob "
+                                          "(k, or JumpReLU's L0 controller)")
     expansion: int = setting(8, "d_sae = expansion × d_in")
     d_sae: int | None = setting(None, "number of latents (overrides --expansion)")
     lr: float | None = setting(None, "Adam learning rate (default: the architecture's, 2e-4/sqrt(d_sae/2^14) for TopK)")
@@ -198,6 +200,8 @@ class TrainConfig(SAESettings):
         check_positive(self, ("warmup_steps",), minimum=0)
         if self.d_sae is not None:
             check_positive(self, ("d_sae",))
+        if self.target_l0 is not None:
+            self.apply_target_l0()
         self.check_sae_settings(self.d_sae)
         check_choices(self)
         if self.targets and isinstance(self.activations, list):
@@ -225,6 +229,19 @@ class TrainConfig(SAESettings):
         # opened, and the trainer takes these instances.
         self._built_plugins = build_plugins(self.plugins)
         self.plugins = typed_specs(self._built_plugins)
+
+    def apply_target_l0(self) -> None:
+        """Fold ``target_l0`` into the architecture's own knob: its ``sparsity_settings(N)`` overrides
+        (``{"k": N}`` for the TopK family, options such as JumpReLU's ``target_l0``)."""
+        check_positive(self, ("target_l0",))
+        cls = registered_architectures().get(self.architecture)
+        if cls is None:
+            return  # check_sae_settings names the unknown architecture
+        knob = getattr(cls, "sparsity_settings", None)
+        if knob is None and not cls.uses_k:
+            raise ConfigError(f"architecture {self.architecture!r} has no target-L0 setting; tune its own options")
+        for name, value in (knob(self.target_l0) if knob else {"k": self.target_l0}).items():
+            setattr(self, name, {**self.options, **value} if name == "options" else value)
 
     def take_plugins(self) -> list:
         """The plugins built with this config (for the first trainer), fresh ones after that."""
