@@ -206,9 +206,6 @@ class TrainConfig(SAESettings):
         check_choices(self)
         if self.targets and isinstance(self.activations, list):
             raise ConfigError("--targets pairs one input store with one output store: give one --activations")
-        if self.skip_connection and not (self.targets or self.target_hook):
-            raise ConfigError("skip_connection is for transcoders: give the output store (--targets) "
-                              "or, with --model, the output hook (--target-hook)")
         # A negative clip norm would flip every gradient (clip_grad_norm_ scales by max_norm / norm).
         if self.grad_clip is not None and not self.grad_clip >= 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 or None disables it), got {self.grad_clip!r}")

@@ -28,7 +28,7 @@ def steer(request: SteerRequest, reg: Registry = Depends(registry)):
         if n_tokens > limit:
             raise HTTPException(422, f"the prompt is {n_tokens} tokens long; this server takes at most {limit}")
         result = steer_prompt(model.model, request.prompt,
-                              [SteeringFeature(s.sae, s.hook, f.index, f.strength) for s, f in zip(served, request.features)],
+                              [SteeringFeature(s.sae, s.output_hook, f.index, f.strength) for s, f in zip(served, request.features)],
                               max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                               seed=request.seed, method=request.method)
     return {"model": model.id, "method": request.method, "seed": request.seed, **result}

@@ -76,3 +76,85 @@ def test_a_saelens_jumprelu_imports_as_jumprelu_and_trains_on(tmp_path):
     out = ours.training_forward(x)
     out.loss.backward()
     assert ours.threshold.grad is not None and ours.threshold.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ transcoders
+import sparsify  # noqa: E402
+
+D_OUT = 12
+
+
+def trained_transcoder(architecture: str, skip: bool, d_out: int = D_OUT, **options):
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(d_in=D_IN, d_out=d_out, d_sae=D_SAE, architecture=architecture, k=6,
+                               skip_connection=skip, options=options,
+                               metadata={"hook_name": "blocks.3.mlp.hook_in", "hook_name_out": "blocks.3.hook_mlp_out"}))
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.1)
+        sae.W_enc.normal_(0, 0.3)
+        sae.b_enc.normal_(0, 0.1)
+        if hasattr(sae, "threshold"):
+            sae.threshold.uniform_(0.0, 0.6)
+        if skip:
+            sae.W_skip.normal_(0, 0.2)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("architecture,skip,expected", [
+    ("relu", False, "transcoder"), ("relu", True, "skip_transcoder"),
+    ("jumprelu", False, "jumprelu_transcoder"), ("jumprelu", True, "jumprelu_skip_transcoder"),
+    ("batchtopk", True, "jumprelu_skip_transcoder")])
+def test_saelens_loads_our_transcoders_with_the_same_outputs(tmp_path, architecture, skip, expected):
+    ours = trained_transcoder(architecture, skip)
+    export_sae(ours, tmp_path / "out", "saelens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "out"))
+    assert theirs.cfg.architecture() == expected
+    assert theirs.cfg.d_out == D_OUT and theirs.cfg.metadata.hook_name_out == "blocks.3.hook_mlp_out"
+    x = x_batch()
+    with torch.no_grad():
+        expected_out = ours(x)
+        assert expected_out.shape == (x.shape[0], D_OUT)
+        assert torch.allclose(theirs(x), expected_out, atol=1e-5 * expected_out.abs().max(), rtol=1e-5)
+    back, _ = load_foreign(tmp_path / "out", "saelens")
+    assert back.is_transcoder and back.cfg.skip_connection == skip
+    with torch.no_grad():
+        assert torch.equal(back(x), expected_out)
+
+
+def test_saelens_has_no_topk_transcoder_so_export_says_where_to_go(tmp_path):
+    from sae_kit.interop.common import FormatError
+
+    with pytest.raises(FormatError, match="sparsify"):
+        export_sae(trained_transcoder("topk", False), tmp_path / "out", "saelens")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparsify_loads_our_topk_transcoders_and_theirs_import(tmp_path, skip):
+    ours = trained_transcoder("topk", skip, d_out=D_IN)
+    export_sae(ours, tmp_path / "layers.3.mlp", "sparsify", sidecar=False)
+    coder = sparsify.SparseCoder.load_from_disk(tmp_path / "layers.3.mlp")
+    assert coder.cfg.transcode and coder.cfg.skip_connection == skip
+    x = x_batch()
+    with torch.no_grad():
+        assert torch.allclose(coder(x).sae_out, ours(x), atol=1e-5)
+    # A sparsify transcoder (theirs, saved by sparsify) imports as ours with the same outputs and hooks.
+    torch.manual_seed(1)
+    theirs = sparsify.SparseCoder(D_IN, sparsify.SparseCoderConfig(num_latents=D_SAE, k=5, transcode=True,
+                                                                   skip_connection=skip))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+    theirs.save_to_disk(tmp_path / "run" / "layers.5.mlp")
+    back, _ = load_foreign(tmp_path / "run" / "layers.5.mlp", "sparsify")
+    assert back.is_transcoder and back.cfg.skip_connection == skip
+    assert back.cfg.metadata["hook_name"] == "blocks.5.mlp.hook_in"
+    assert back.cfg.metadata["hook_name_out"] == "blocks.5.hook_mlp_out"
+    with torch.no_grad():
+        assert torch.allclose(back(x), theirs(x).sae_out, atol=1e-5)
+
+
+def test_sparsify_transcoders_predict_as_wide_as_they_read(tmp_path):
+    from sae_kit.interop.common import FormatError
+
+    with pytest.raises(FormatError, match="as wide"):
+        export_sae(trained_transcoder("topk", False), tmp_path / "x", "sparsify")

@@ -77,6 +77,7 @@ def test_jumprelu_sparse_path_equals_dense_autograd(options) -> None:
     sae.train()
     sparse, sparse_grads = _loss_and_grads(sae, x)
     sae.steps.zero_()
+    sae.l0_integral.zero_()  # the target-L0 controller advanced on the first pass
     sae.sparse_training = False
     dense, dense_grads = _loss_and_grads(sae, x)
     assert set(sparse.parts) == set(dense.parts)

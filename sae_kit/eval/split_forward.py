@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_kit.models import _KIND_BRIDGE, _KIND_HOOKED, LanguageModel, _decoder_layers
+from sae_kit.language_model import _KIND_BRIDGE, _KIND_HOOKED, LanguageModel, _decoder_layers
 
 _RESIDUAL = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 

@@ -128,6 +128,8 @@ class SAE(nn.Module):
         if self.d_out != d_in and self.W_enc.shape != (d_in, d_sae):
             W_enc = torch.randn(d_in, d_sae, dtype=torch.float32)
             self.W_enc = nn.Parameter((W_enc / W_enc.norm(dim=0, keepdim=True)).to(self.dtype_))
+        if self.is_transcoder:  # its decoder rows' norm (init_from_data), saved with the weights
+            self.register_buffer("decoder_norm", torch.ones((), dtype=torch.float32))
         if cfg.skip_connection:  # zero-initialised (Paulo et al.), trained jointly
             self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in, dtype=self.dtype_))
         b_enc = torch.zeros(d_sae, dtype=self.dtype_)
@@ -397,6 +399,12 @@ class SAE(nn.Module):
         x_n, _ = self.normalize(x)
         if self.is_transcoder:
             self.b_dec.copy_(geometric_median(target.float()).to(self.dtype_))
+            # The decoder rows' norm c = spread(target) / spread(input): codes are on the input's scale
+            # (projections of x) and c maps them onto the target's, which can be 100x smaller (an MLP's
+            # output); with unit rows the encoder would have to shrink that much under Adam's fixed steps.
+            spread = lambda t: (t.float() - t.float().mean(0)).pow(2).sum(1).mean().sqrt()  # noqa: E731
+            self.decoder_norm.fill_(float(spread(target) / spread(x_n).clamp_min(1e-12)))
+            self.renormalize_decoder()
             if self.trains_encoder_bias:
                 self.b_enc.copy_(-(x_n.mean(0) @ self.encoder_weight()).to(self.dtype_))
             return
@@ -423,7 +431,14 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        self.renormalize_decoder()
+
+    @torch.no_grad()
+    def renormalize_decoder(self) -> None:
+        """Decoder rows back to unit norm (a transcoder's to its ``decoder_norm``)."""
         self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min_(1e-12))
+        if self.is_transcoder:
+            self.W_dec.mul_(self.decoder_norm.to(self.W_dec.dtype))
 
     # ------------------------------------------------------------------ interop
     def saelens_export(self, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:

@@ -23,15 +23,24 @@ measures s, the median positive pre-activation of the initial sample, and by def
 ε = 0.1·s (``bandwidth``), θ₀ at the quantile giving L0 = ``target_l0`` (else s) and θ's learning
 rate to ``threshold_lr_scale``·s times the weights' (a parameter group of its own).
 
-Target L0 (``target_l0`` = N, CLI ``--target-l0 N``): the λ·L0 term is replaced by a quadratic
-penalty around the target, ``target_coefficient``·(L0_batch − N)²/N, with L0_batch = mean_b Σ_i H(h_i − θ_i)
-through the step STE (dictionary_learning's rule, scaled by N so that its slope per latent, 2c·(L0/N − 1),
-is comparable with the normalised MSE's gain per latent at any N). It acts as a proportional
-controller: θ is pushed up while the batch L0 is above N and down below it, with no windup, and the
-equilibrium sits where the MSE's marginal gain g per latent balances it, at L0 ≈ N·(1 + g/2c). An
-integral controller on λ (noanabeshima's SparsityLossController) was tried first: with θ lagging λ it
-overshot to L0 ≈ 1 and back to 5× the target on planted data, so it is not offered. Inference uses the
-same θ, so the held-out L0 is the training L0.
+Target L0 (``target_l0`` = N, CLI ``--target-l0 N``): the λ·L0 term becomes λ_t·L0_batch, with
+L0_batch = mean_b Σ_i H(h_i − θ_i) through the step STE and λ_t set every step by a PI controller on the
+batch's L0 (dual ascent on the constraint L0 = N, with a proportional term for damping):
+
+    e_t = log(L0_t / N)                                   (clipped to ±1; L0_t the batch's L0, no gradient)
+    I_t = clip(I_{t−1} + ``target_integral_gain``·e_t, ±``target_integral_limit``)
+    λ_t = ``target_coefficient``·(2·(L0_t/N − 1) + I_t)
+
+The proportional part alone is dictionary_learning's quadratic penalty c·(L0 − N)²/N (its gradient in L0
+is 2c·(L0/N − 1)); by itself it settles where the reconstruction's pull on θ balances it, which on
+SmolLM2 layer 15 was 34 % below the target (L0 21 for N = 32, 13.5 for 16). The integral term removes that
+offset: it keeps moving λ until the batch L0 is N on average. λ_t may go negative (θ is then pushed
+down), because the reconstruction gradient can hold L0 below N on its own. The log error makes the
+integral symmetric in ratio (2× too many and 2× too few weigh the same). Under Adam λ sets mostly the
+direction of θ's step (SAELens #719): the controller changes that direction when the error changes sign,
+so it neither winds up nor needs λ's absolute scale. An integral controller that multiplies a positive λ
+(noanabeshima's SparsityLossController) overshot to L0 ≈ 1 and back to 5× N on planted data, because a
+positive λ cannot push θ down. Inference uses the same θ, so the held-out L0 is the training L0.
 
 Dead latents (``pre_act_coefficient`` > 0): λ_p·mean_b Σ_{i dead} ReLU(θ_i − h_i)/s pulls the
 pre-activations of dead latents up to their threshold (Anthropic's pre-activation loss).
@@ -53,12 +62,14 @@ from sae_kit.sae.base import SAE, TrainingOutput, register
 class JumpReLUOptions:
     sparsity_loss: Literal["step", "tanh"] = "step"
     sparsity_coefficient: float = 1e-3  # λ (without a target)
-    target_l0: int = 0  # 0: the λ·L0 (or tanh) penalty; N > 0: the quadratic penalty around L0 = N
+    target_l0: int = 0  # 0: the λ·L0 (or tanh) penalty; N > 0: λ set by the PI controller on L0 (module doc)
     target_coefficient: float = 1.0
+    target_integral_gain: float = 0.02  # the controller's integral gain per step (see the module doc)
+    target_integral_limit: float = 4.0  # |I| at most this (anti-windup)
     sparsity_warmup_steps: int = 0  # λ ramps linearly from 0 (not with a target: the controller owns λ)
     bandwidth: float = 0.0  # ε; 0: 0.1 × the data scale s
     init_threshold: float = 0.0  # θ₀; 0: the L0 = target_l0 quantile, else s
-    threshold_lr_scale: float = 10.0  # θ's lr = this × s × the weights' lr
+    threshold_lr_scale: float = 100.0  # θ's lr = this × s × the weights' lr (10 was too slow to follow the encoder)
     tanh_scale: float = 4.0
     pre_act_coefficient: float = 0.0
     ste_to_input: bool = False
@@ -117,7 +128,8 @@ class JumpReLUSAE(SAE):
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         o = self.opts
-        for name in ("sparsity_coefficient", "target_coefficient", "bandwidth", "init_threshold", "threshold_lr_scale",
+        for name in ("sparsity_coefficient", "target_coefficient", "target_integral_gain", "target_integral_limit",
+                     "bandwidth", "init_threshold", "threshold_lr_scale",
                      "tanh_scale", "pre_act_coefficient", "sparsity_warmup_steps", "target_l0"):
             if getattr(o, name) < 0:
                 raise ConfigError(f"jumprelu option {name} must be >= 0, got {getattr(o, name)!r}")
@@ -129,6 +141,8 @@ class JumpReLUSAE(SAE):
         self.register_buffer("bandwidth", scalar(o.bandwidth or 1e-3))
         self.register_buffer("data_scale", scalar(1.0))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        # The target-L0 controller's integral state (saved and resumed with the SAE).
+        self.register_buffer("l0_integral", scalar(0.0))
         self._real_slots: torch.Tensor | None = None
 
     @classmethod
@@ -196,6 +210,14 @@ class JumpReLUSAE(SAE):
         warm = min(1.0, (int(self.steps) + 1) / o.sparsity_warmup_steps) if o.sparsity_warmup_steps else 1.0
         return o.sparsity_coefficient * warm
 
+    @torch.no_grad()
+    def target_coefficient_now(self, l0: torch.Tensor) -> torch.Tensor:
+        """λ_t of the target-L0 PI controller for a batch of mean L0 ``l0``; advances its integral."""
+        o = self.opts
+        error = torch.log(l0.float().clamp_min(0.5) / o.target_l0).clamp(-1.0, 1.0)
+        self.l0_integral.add_(o.target_integral_gain * error).clamp_(-o.target_integral_limit, o.target_integral_limit)
+        return o.target_coefficient * (2 * (l0.float() / o.target_l0 - 1) + self.l0_integral)
+
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
         if not self.training:
             return {}
@@ -206,7 +228,7 @@ class JumpReLUSAE(SAE):
             steps = StepFunction.apply(h, theta, float(self.bandwidth), o.ste_to_input)
             l0 = torch.where(self._real_slots, steps, 0).sum(1).mean()
         if o.target_l0:
-            losses = {"sparsity": o.target_coefficient * (l0 - o.target_l0).pow(2) / o.target_l0}
+            losses = {"sparsity": self.target_coefficient_now(l0.detach()) * l0}
         elif o.sparsity_loss == "step":
             losses = {"sparsity": self.current_coefficient() * l0}
         else:
