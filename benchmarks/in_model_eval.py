@@ -18,9 +18,7 @@ import time
 
 import torch
 
-
-def load_average() -> str:
-    return "{:.2f} {:.2f} {:.2f} (1, 5, 15 min)".format(*os.getloadavg())
+from bench_env import load_average  # benchmarks/ is the script's folder
 
 
 def main() -> None:

@@ -34,7 +34,9 @@ minus the resident set before them (weights and data excluded), in MiB.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +48,8 @@ os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder need
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
+
+from bench_env import load_average, machine  # noqa: E402  (benchmarks/ is the script's folder)
 
 DEAD_FRACTION = 0.25
 COMPARED = ("dense", "saelens", "sparsify")
@@ -204,7 +208,8 @@ def whole_step_path(name: str, x: torch.Tensor, n: int, k: int, seed: int, dead:
 
     architecture = "topk" if base == "ours" else base
     out = tempfile.mkdtemp(prefix="train_step_bench_")
-    # At the same mean L0 as TopK's k: the architecture's own knob (JumpReLU: its target-L0 penalty).
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # the trainer's run folder, not wanted after
+    # At the same mean L0 as TopK's k: the architecture's own knob (JumpReLU: its target-L0 controller).
     from sae_kit.sae import ARCHITECTURES
 
     knob = getattr(ARCHITECTURES[architecture], "sparsity_settings", None)
@@ -310,20 +315,6 @@ def report(latents: int, args, median: dict[str, float], memory: dict[str, float
         if memory.get(ours) is not None and memory.get(STEP + "sparsify") is not None:
             print(f"whole-step peak memory: ours {memory[ours]:.0f} MiB, sparsify {memory[STEP + 'sparsify']:.0f} MiB "
                   "(target: ours <= sparsify)")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-
-
-def load_average() -> str:
-    return "{:.2f} {:.2f} {:.2f} (1, 5, 15 min)".format(*os.getloadavg())
 
 
 def default_paths() -> list[str]:

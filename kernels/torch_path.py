@@ -64,7 +64,10 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tenso
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         S = torch.sparse_csr_tensor(crow, cols, weights.reshape(-1)[order].to(acc), (n, batch))
-        return S @ rows.to(acc)
+        # addmm into an uninitialised output with beta=0: ``S @ rows`` zero-fills its output and
+        # copies MKL's result into it, two extra passes over [n, d] (~2.5x the product on CPU).
+        out = torch.empty(n, rows.shape[1], dtype=acc, device=rows.device)
+        return torch.addmm(out, S, rows.to(acc), beta=0.0, out=out)
 
 
 def gather_dot(indices: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

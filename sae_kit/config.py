@@ -94,14 +94,14 @@ class SAESettings:
         architectures = registered_architectures()
         if self.architecture not in architectures:
             raise ConfigError(f"unknown architecture {self.architecture!r}; choose one of {sorted(architectures)}")
+        if self.normalize_activations is not None and self.normalize_activations not in NORMALIZATIONS:
+            raise ConfigError(
+                f"normalize_activations must be one of {NORMALIZATIONS}, got {self.normalize_activations!r}")
         check_positive(self, ("k",))
         if d_sae is not None and architectures[self.architecture].uses_k and self.k > d_sae:
             raise ConfigError(f"k={self.k} exceeds d_sae={d_sae}: choose k <= d_sae (the number of latents)")
         if self.k_aux is not None:
             check_positive(self, ("k_aux",))
-        if self.normalize_activations is not None and self.normalize_activations not in NORMALIZATIONS:
-            raise ConfigError(
-                f"normalize_activations must be one of {NORMALIZATIONS}, got {self.normalize_activations!r}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be a mapping of architecture options, got {self.options!r}")
         # Typed now: config.json and cfg.json hold 4, not "4"; a bad option fails before data is opened.

@@ -327,10 +327,13 @@ class RunService:
             metadata = load_sae(sae_dir).cfg.metadata
         except (OSError, ValueError) as exc:  # the finished run's SAE was damaged or removed since
             raise RunStateError(f"the SAE of run {run_id} cannot be loaded ({exc}); train the run again") from None
+        # A model named in the request overrides the SAE's provenance (synthetic activations have none).
+        synthetic = None if model else synthetic_dataset(metadata)
         model = model or metadata.get("model_name")
         hook = hook or metadata.get("hook_name")
-        if not model or synthetic_dataset(metadata) or not hook:
-            raise ConfigError(f"the SAE of run {run_id} was trained on {model or 'activations without a model'}: "
+        if not model or synthetic or not hook:
+            source = f"synthetic activations ({synthetic})" if synthetic else model or "activations without a model"
+            raise ConfigError(f"the SAE of run {run_id} was trained on {source}: "
                               "name a model (and hook) whose activations have the SAE's width to analyse it against")
         model = confine_setting(self.root, "model", model, "model")
         check_text(hook, "hook")

@@ -19,18 +19,58 @@ class TextCodes:
     codes: SparseCodes  # [n_tokens, K]
 
 
+@dataclass(frozen=True)
+class EncodeRequest:
+    sae: object  # an SAE (sae_kit.sae.SAE)
+    hook: str
+    text: str
+
+
 @torch.no_grad()
 def encode_text(model, sae, hook: str, text: str) -> TextCodes:
-    ids = model.to_tokens(text)[0]
-    if ids.numel() == 0:
-        raise ValueError("the text has no tokens")
+    result = encode_many(model, [EncodeRequest(sae, hook, text)])[0]
+    if isinstance(result, ValueError):
+        raise result
+    return result
+
+
+@torch.no_grad()
+def encode_many(model, requests: list[EncodeRequest], max_text_tokens: int | None = None) -> list[TextCodes | ValueError]:
+    """Every text's codes from one forward over the batch; a text that is wrong gets its ValueError.
+
+    Texts are right-padded: the model is causal, so a text's activations do not see the padding
+    after it, and each result is what its text gives alone (up to float rounding of the batch).
+    """
+    results: list[TextCodes | ValueError] = [None] * len(requests)  # type: ignore[list-item]
+    good, rows = [], []
     bos = model.bos_token_id
-    tokens = torch.cat([torch.tensor([bos]), ids]) if bos is not None else ids
-    acts = model.capture(tokens[None], hook)[hook][0]
-    if bos is not None:
-        acts = acts[1:]
-    codes = sae.encode(acts.cpu()).detach()
-    return TextCodes([model.tokenizer.decode([int(t)]) for t in ids], ids.tolist(), codes)
+    for i, request in enumerate(requests):
+        ids = model.to_tokens(request.text)[0]
+        if ids.numel() == 0:
+            results[i] = ValueError("the text has no tokens")
+        elif max_text_tokens is not None and ids.numel() > max_text_tokens:
+            results[i] = ValueError(f"the text is {ids.numel()} tokens long; this server takes at most "
+                                    f"{max_text_tokens}")
+        else:
+            good.append(i)
+            rows.append(ids)
+    if not good:
+        return results
+    start = 1 if bos is not None else 0
+    length = start + max(ids.numel() for ids in rows)
+    pad = model.eos_token_id if model.eos_token_id is not None else 0
+    batch = torch.full((len(rows), length), pad, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        if bos is not None:
+            batch[r, 0] = bos
+        batch[r, start:start + ids.numel()] = ids
+    acts = model.capture(batch, sorted({requests[i].hook for i in good}))
+    for r, (i, ids) in enumerate(zip(good, rows)):
+        request = requests[i]
+        x = acts[request.hook][r, start:start + ids.numel()]
+        codes = request.sae.encode(x.cpu()).detach()
+        results[i] = TextCodes([model.tokenizer.decode([int(t)]) for t in ids], ids.tolist(), codes)
+    return results
 
 
 def feature_values(codes: SparseCodes, features: list[int]) -> torch.Tensor:

@@ -1,14 +1,12 @@
-"""Shared request plumbing: the registry, SAE lookup, the steering token, library errors as 4xx."""
+"""Shared request plumbing: the registry, SAE lookup, the steering token."""
 from __future__ import annotations
 
 import secrets
-from contextlib import contextmanager
-from typing import Iterator
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .registry import Registry, ServedModel, ServedSAE
+from .registry import Registry, ServedSAE
 
 bearer = HTTPBearer(auto_error=False, description="needed for POST /api/steer and /api/runs when the server has an API token")
 
@@ -41,13 +39,3 @@ def steering_token(request: Request, credentials: HTTPAuthorizationCredentials |
         raise HTTPException(401, "steering and training runs need the server's API token: "
                                  "send 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
-
-
-@contextmanager
-def model_turn(model: ServedModel) -> Iterator[None]:
-    """Hold the model's lock; library ValueErrors become 422s naming what is wrong."""
-    with model.lock:
-        try:
-            yield
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None

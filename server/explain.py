@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 import threading
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 
 from sae_kit.feature_store import FeatureStoreError
 from .deps import analysed_sae, registry, steering_token
 from .registry import Registry
-from .schemas import ID_PATTERN, DensityDistribution, ExplanationBrief, ExplainRequest, ExplanationSearch, Feature, error_responses
+from .schemas import ID_PATTERN, Text, DensityDistribution, ExplanationBrief, ExplainRequest, ExplanationSearch, Feature, error_responses
 
-router = APIRouter(prefix="/api", tags=["explanations"], responses=error_responses(404, 422))
+router = APIRouter(prefix="/api", tags=["explanations"], responses=error_responses(400, 404, 413, 422))
 SAE_ID = Path(pattern=ID_PATTERN, description="SAE id, as listed by GET /api/saes")
 _explain_lock = threading.Lock()  # one explain job at a time (it writes the store and may load a model)
 
 
 @router.get("/saes/{sae_id}/explanations/search", response_model=ExplanationSearch)
-def search(sae_id: str = SAE_ID, q: str = Query(..., min_length=1, max_length=200,
-                                                 description="words, matched as prefixes, all required"),
+def search(q: Annotated[Text, Query(min_length=1, max_length=200, description="words, matched as prefixes, all required")],
+           sae_id: str = SAE_ID,
            offset: int = Query(0, ge=0, le=100_000), limit: int = Query(20, ge=1, le=200),
            reg: Registry = Depends(registry)):
     served = analysed_sae(reg, sae_id)

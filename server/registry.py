@@ -35,6 +35,20 @@ class ServedModel:
     model: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     sae_ids: list[str] = field(default_factory=list)
+    # Concurrent steering / text requests for this model, gathered into batches (made on first use).
+    batchers: dict[str, Any] = field(default_factory=dict)
+
+    def batcher(self, kind: str, run_batch, max_batch: int = 64) -> Any:
+        from sae_kit.batching import MicroBatcher
+
+        with _BATCHERS_LOCK:
+            if kind not in self.batchers:
+                self.batchers[kind] = MicroBatcher(run_batch, lock=self.lock, max_batch=max_batch,
+                                                   name=f"{self.id} {kind}")
+            return self.batchers[kind]
+
+
+_BATCHERS_LOCK = threading.Lock()
 
 
 @dataclass

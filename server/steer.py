@@ -1,10 +1,16 @@
-"""POST /api/steer: default and steered completions side by side."""
+"""POST /api/steer: default and steered completions side by side.
+
+Requests for the same model that arrive within a short window (or while a batch is generating) are
+generated as one batch (sae_kit.steering.steer_many); each gets the texts it would get alone.
+"""
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import APIRouter, Depends, HTTPException
 
-from sae_kit.steering import SteeringFeature, steer as steer_prompt
-from .deps import model_turn, registry, served_sae, steering_token
+from sae_kit.steering import SteeringFeature, SteeringRequest, steer_many
+from .deps import registry, served_sae, steering_token
 from .registry import Registry
 from .schemas import SteerRequest, SteerResponse, error_responses
 
@@ -12,7 +18,7 @@ router = APIRouter(prefix="/api", tags=["steering"], responses=error_responses(4
 
 
 @router.post("/steer", response_model=SteerResponse, dependencies=[Depends(steering_token)])
-def steer(request: SteerRequest, reg: Registry = Depends(registry)):
+async def steer(request: SteerRequest, reg: Registry = Depends(registry)):
     served = [served_sae(reg, feature.sae) for feature in request.features]
     model_ids = {s.model_id for s in served}
     if len(model_ids) > 1:
@@ -23,12 +29,13 @@ def steer(request: SteerRequest, reg: Registry = Depends(registry)):
             raise HTTPException(422, f"feature {feature.index} is out of range: SAE {s.id!r} has 0..{s.sae.cfg.d_sae - 1}")
     model = reg.models[served[0].model_id]
     limit = reg.limits.max_prompt_tokens
-    with model_turn(model):
-        n_tokens = len(model.model.tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
-        if n_tokens > limit:
-            raise HTTPException(422, f"the prompt is {n_tokens} tokens long; this server takes at most {limit}")
-        result = steer_prompt(model.model, request.prompt,
-                              [SteeringFeature(s.sae, s.output_hook, f.index, f.strength) for s, f in zip(served, request.features)],
-                              max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                              seed=request.seed, method=request.method)
+    batcher = model.batcher("steer", lambda items: steer_many(model.model, items, max_prompt_tokens=limit))
+    steering = SteeringRequest(request.prompt, tuple(SteeringFeature(s.sae, s.output_hook, f.index, f.strength)
+                                                     for s, f in zip(served, request.features)),
+                               max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                               seed=request.seed, method=request.method)
+    try:
+        result = await asyncio.wrap_future(batcher.submit(steering))
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
     return {"model": model.id, "method": request.method, "seed": request.seed, **result}

@@ -44,3 +44,10 @@ def test_in_model_eval_benchmark_compares_the_three_paths():
     for path in ("full passes", "shared prefix (cold)", "shared prefix (warm)"):
         assert path in out, path
     assert "largest metric difference from the full passes" in out and "load average after" in out
+
+
+def test_steer_load_benchmark_runs_concurrent_requests_against_a_tiny_server():
+    out = run_script(["benchmarks/steer_load.py", "--tiny", "--requests", "6", "--reference", "1",
+                      "--max-new-tokens", "3", "--threads", "1"], env={"HF_HUB_OFFLINE": "1"})
+    assert "succeeded: 6/6" in out and "gave the same texts: 1/1" in out and "throughput vs serial" in out and "p95 latency vs one request alone" in out
+    assert "load average before" in out and "machine:" in out

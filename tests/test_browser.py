@@ -126,11 +126,11 @@ def test_feature_list_sorts_and_pages(page, server, shots):
     page.click("#filters button[type=submit]")
     expected = _get(f"{server}/api/saes/saes.main/features?sort=density&order=desc&limit=50")["features"]
     first_index = str(expected[0]["index"])
-    page.wait_for_function("i => document.querySelector('#features tr.feature td a').textContent === i", arg=first_index)
+    page.wait_for_function("i => document.querySelector('#features tr.feature td a')?.textContent === i", arg=first_index)
     shown = page.locator("#features tr.feature td:first-child a").all_inner_texts()
     assert shown == [str(f["index"]) for f in expected]
     page.click("#next")
-    page.wait_for_function("() => document.querySelector('#range').textContent.startsWith('51')")
+    page.wait_for_function("() => document.querySelector('#range')?.textContent.startsWith('51')")
     assert page.locator("#features tr.feature").count() == D_SAE - 50
     page.screenshot(path=str(shots / "feature_list.png"), full_page=True)
     assert not page.outside_requests and not page.console_errors
@@ -185,7 +185,7 @@ def test_steering_playground_shows_default_and_steered_text(page, server, shots)
     page.fill("#max_new_tokens", "8")
     page.fill("#temperature", "0")
     page.click("#run")
-    page.wait_for_function("() => !document.querySelector('#run').disabled && document.querySelector('#steered').textContent.length > 1")
+    page.wait_for_function("() => !document.querySelector('#run').disabled && document.querySelector('#steered')?.textContent.length > 1")
     expected = _post(f"{server}/api/steer", {"prompt": "Now is the winter of our discontent", "max_new_tokens": 8,
                                              "temperature": 0, "seed": 0, "method": "additive",
                                              "features": [{"sae": "saes.main", "index": 7, "strength": 60}]})
@@ -207,7 +207,7 @@ def test_explanations_in_list_search_feature_page_and_steering(page, server, sho
     by_score = _get(f"{server}/api/saes/saes.main/features?sort=score&order=desc&limit=50")["features"]
     assert by_score[0]["score"] is not None and by_score[0]["explanation"]
     page.goto(f"{server}/ui/index.html?sae=saes.main&sort=score&order=desc")
-    page.wait_for_function("i => document.querySelector('#features tr.feature td a').textContent === i",
+    page.wait_for_function("i => document.querySelector('#features tr.feature td a')?.textContent === i",
                            arg=str(by_score[0]["index"]))
     assert page.locator("#features tr.feature td.expl").first.inner_text() == by_score[0]["explanation"]
     assert page.locator("#features tr.feature .score").first.inner_text() == f"{by_score[0]['score']:.2f}"
@@ -241,7 +241,7 @@ def test_explanations_in_list_search_feature_page_and_steering(page, server, sho
     assert page.locator("#verdict-table td.verdict.right").count() == right
     page.wait_for_selector("#density .plotly .bars")
     page.click("#explain")
-    page.wait_for_function("() => document.querySelector('#explain-status').textContent === 'done'")
+    page.wait_for_function("() => document.querySelector('#explain-status')?.textContent === 'done'")
     page.click("#verdicts-box summary")
     page.screenshot(path=str(shots / "feature_explanation.png"), full_page=True)
 

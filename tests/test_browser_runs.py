@@ -53,7 +53,7 @@ def test_start_a_run_with_a_plugin_watch_it_and_open_its_features(page, server, 
     page.wait_for_function("() => document.querySelector('#progress').value > 0")
     page.screenshot(path=str(shots / "run_live.png"), full_page=True)
     page.wait_for_selector("#status .status.finished", timeout=180_000)
-    page.wait_for_function("() => document.querySelector('#progress-text').textContent.startsWith('step 120 of 120')")
+    page.wait_for_function("() => document.querySelector('#progress-text')?.textContent.startsWith('step 120 of 120')")
     # The curves hold what metrics.jsonl holds: the train normalised MSE every 5 steps, the held-out FVU every 40.
     records = _get(f"{server}/api/runs/{run_id}/metrics")["records"]
     traces = page.evaluate("() => document.getElementById('curve-fvu').data.map(t => [t.name, t.x.length])")

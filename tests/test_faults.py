@@ -655,6 +655,7 @@ def valid_bodies(run_id: str) -> dict[tuple[str, str], dict]:
         ("post", "/api/steer"): {"prompt": "Once upon", "features": [{"sae": "saes.main", "index": 3, "strength": 4}],
                                  "max_new_tokens": 2, "method": "additive"},
         ("post", "/api/runs"): {"config": {**RUN, "plugins": ["usage_entropy:coefficient=0.01"]}, "name": "probe"},
+        ("post", "/api/saes/{sae_id}/features/{index}/explain"): {"explainer": "token-rule"},
         ("post", "/api/runs/{run_id}/analyze"): {"model": "model", "hook": "blocks.1.hook_resid_post", "tokens": 64,
                                                  "context": 8},
     }

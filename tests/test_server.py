@@ -190,6 +190,25 @@ def test_concurrent_requests_share_the_model_safely(client):
         together = list(pool.map(lambda r: client.post("/api/steer", json=r).json(), requests))
         searched = list(pool.map(lambda r: client.post("/api/search", json=r).status_code, searches))
     assert together == alone and searched == [200] * 4
+    # Concurrent requests were generated together, and still gave what each gives alone.
+    (served,) = client.app.state.registry.models.values()
+    assert max(served.batchers["steer"].batch_sizes) > 1
+
+
+def test_concurrent_searches_are_encoded_together_as_each_alone(client):
+    bodies = [{"sae": "saes.main", "text": text, "top_k": 2} for text in
+              ("Now is the winter", "of our discontent", "made glorious summer by this sun of York", "Now")]
+    alone = [client.post("/api/search", json=b).json() for b in bodies]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda b: client.post("/api/search", json=b).json(), bodies))
+    assert [t["tokens"] for t in together] == [a["tokens"] for a in alone]
+    for t, a in zip(together, alone):
+        assert [[f["index"] for f in row] for row in t["token_features"]] == \
+            [[f["index"] for f in row] for row in a["token_features"]]
+        assert [f["max_value"] for f in t["top_features"]] == pytest.approx([f["max_value"] for f in a["top_features"]],
+                                                                            abs=1e-5)
+    (served,) = client.app.state.registry.models.values()
+    assert max(served.batchers["encode"].batch_sizes) > 1
 
 
 def test_openapi_docs_and_ui_are_served(client):

@@ -324,7 +324,7 @@ def test_k_above_d_sae_is_refused_when_the_config_is_built(tmp_path):
 
 
 def test_wrong_types_in_a_config_file_name_the_field():
-    with pytest.raises(ConfigError, match="batch_size: Input should be a valid integer.*'many'"):
+    with pytest.raises(ConfigError, match="batch_size: expected an integer, got 'many'"):
         TrainConfig.from_dict({"batch_size": "many"})
     with pytest.raises(ConfigError, match="unknown training setting"):
         TrainConfig.from_dict({"config_version": 2, "nope": 1})

@@ -75,5 +75,8 @@ def load_sae(directory: str | Path) -> SAE:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{weights_path} is not a readable safetensors file ({exc}); re-save or re-train the SAE") from None
-    sae.load_tensors(tensors, source=str(weights_path))
+    try:
+        sae.load_tensors(tensors, source=str(weights_path))
+    except ValueError as exc:  # the two files disagree: either may be the wrong one
+        raise ConfigError(f"{exc}; check architecture/d_in/d_sae in {cfg_path} against the weights") from None
     return sae.eval()

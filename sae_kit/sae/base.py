@@ -423,10 +423,12 @@ class SAE(nn.Module):
         grad = self.W_dec.grad
         if grad is None:
             return
-        # g -= (g·w / w·w) w per row: two row-wise dot products and one fused update, no [d_sae, d_in]
-        # temporaries (the unit directions, their product with g) as the textbook form builds.
+        # g -= (g·w / w·w) w per row: a row-wise dot product, a row norm and one fused update, no
+        # [d_sae, d_in] temporaries (the unit directions, their product with g) as the textbook form
+        # builds. einsum runs the dot as a batched matmul; linalg.vecdot materialises g * w first
+        # (2x slower on CPU at 16384 x 768).
         W = self.W_dec.detach()
-        coefficient = torch.linalg.vecdot(grad, W) / torch.linalg.vecdot(W, W).clamp_min(1e-24)
+        coefficient = torch.einsum("ij,ij->i", grad, W) / torch.linalg.vector_norm(W, dim=1).square().clamp_min(1e-24)
         grad.addcmul_(W, coefficient[:, None], value=-1)
 
     @torch.no_grad()

@@ -110,7 +110,9 @@ def average_gradients(parameters: list[torch.nn.Parameter], ctx: DistributedCont
     offset = 0
     for p, g in zip(parameters, grads):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        # In the parameter's own layout (W_enc is column-major): fused Adam walks parameter, gradient
+        # and moments in one flat memory order, so a row-major gradient would be applied scrambled.
+        p.grad = torch.empty_like(p).copy_(flat[offset:offset + n].view_as(p))
         offset += n
 
 
