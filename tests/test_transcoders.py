@@ -215,3 +215,15 @@ def test_analysis_reads_the_input_hook_and_steering_writes_the_output_hook(tiny,
         steered_activations(sae, x, [(fired[0], 3.0)], "clamp")
     result = steer(tiny, "The cat sat", [SteeringFeature(sae, OUT_HOOK, fired[0], 50.0)], max_new_tokens=4)
     assert result["default"] != result["steered"]
+
+
+def test_the_three_planted_claims_return_reproduction_rows() -> None:
+    """COORD.md interface 2: every key, a verdict from the list; quick sizes (about 20 s in all)."""
+    from sae_kit.experiments.claims_architectures2 import CLAIMS
+
+    keys = {"name", "paper", "claim", "setting", "unknowns", "paper_value", "ours", "difference", "verdict",
+            "command", "figure", "wall_s"}
+    torch.set_num_threads(1)
+    for fn in CLAIMS:
+        row = getattr(fn, "__wrapped__", fn)(True, 0)
+        assert keys <= set(row) and row["verdict"] in ("reproduced", "not reproduced", "partly"), row["name"]
