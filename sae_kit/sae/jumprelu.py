@@ -75,18 +75,23 @@ class JumpReLUOptions:
     ste_to_input: bool = False
 
 
-class JumpReLUFunction(torch.autograd.Function):
-    """f = h·H(h−θ) with the rectangle-kernel pseudo-derivative for θ (and optionally for h)."""
-
-    @staticmethod
-    def forward(h, theta, bandwidth, to_input):
-        return torch.where(h > theta, h, torch.zeros((), dtype=h.dtype, device=h.device))
+class RectangleSTE(torch.autograd.Function):
+    """What both straight-through functions keep for backward: h, θ, the bandwidth ε, to_input."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         h, theta, bandwidth, to_input = inputs
         ctx.save_for_backward(h, theta)
         ctx.bandwidth, ctx.to_input = bandwidth, to_input
+
+
+
+class JumpReLUFunction(RectangleSTE):
+    """f = h·H(h−θ) with the rectangle-kernel pseudo-derivative for θ (and optionally for h)."""
+
+    @staticmethod
+    def forward(h, theta, bandwidth, to_input):
+        return torch.where(h > theta, h, torch.zeros((), dtype=h.dtype, device=h.device))
 
     @staticmethod
     def backward(ctx, grad):
@@ -99,18 +104,12 @@ class JumpReLUFunction(torch.autograd.Function):
         return grad_h, grad_theta, None, None
 
 
-class StepFunction(torch.autograd.Function):
+class StepFunction(RectangleSTE):
     """H(h−θ) with the rectangle-kernel pseudo-derivative −K/ε for θ (h gets it only with to_input)."""
 
     @staticmethod
     def forward(h, theta, bandwidth, to_input):
         return (h > theta).to(h.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        h, theta, bandwidth, to_input = inputs
-        ctx.save_for_backward(h, theta)
-        ctx.bandwidth, ctx.to_input = bandwidth, to_input
 
     @staticmethod
     def backward(ctx, grad):
