@@ -35,7 +35,7 @@ async function pickSae(onChange) {
   const broken = listed.filter(s => s.served === false);
   const select = document.getElementById("sae");
   for (const sae of saes) {
-    select.append(el("option", {value: sae.id, text: `${sae.id} (${sae.d_sae} features, ${sae.hook})`}));
+    select.append(el("option", {value: sae.id, text: `${sae.id} (${sae.d_sae} features, ${sae.hook_out ? `transcoder ${sae.hook} → ${sae.hook_out}` : sae.hook})`}));
   }
   for (const sae of broken) {
     select.append(el("option", {value: sae.id, disabled: "", title: sae.problem, text: `${sae.id} (not served)`}));

@@ -12,6 +12,10 @@ samples from equal-count activation quantiles, each with ±``example_radius`` to
 activations; logit effects (its decoder direction through the model's final-norm gain and the
 unembedding: which next tokens it promotes and suppresses); nearest features by decoder cosine.
 
+A transcoder is analysed the same way: its examples are where it fires reading its input hook, and its
+logit effects are those of its decoder rows, which write to the output hook (an MLP's output adds to the
+residual stream, so the same unembedding path applies).
+
 Choices: logit effects use the final norm's gain (and centring for LayerNorm) but not its
 data-dependent scale, a positive per-token factor that does not change the ranking; BOS positions
 are skipped as at harvest time (their outlier norms would top every feature's examples).
@@ -109,6 +113,8 @@ def analyze(sae, model, cfg: AnalyzeConfig, out: str | Path | None = None, *, ho
             "n_windows": int(windows.shape[0]), "n_tokens": n_tokens, "d_sae": sae.cfg.d_sae,
             "architecture": sae.cfg.architecture, "histogram_bins": cfg.histogram_bins, "config": asdict(cfg),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if sae.is_transcoder:  # examples are read at the input hook; logit effects are of the output directions
+        meta["hook_out"] = sae.cfg.metadata.get("hook_name_out")
     atomic_write(out, lambda temp: _write_store(temp, meta, sae, model, cfg, windows, indices, values))
     return out
 

@@ -81,7 +81,15 @@ def cmd_eval(args) -> int:
         from sae_kit.eval.evaluate import evaluate_sae
         from sae_kit.store import ActivationStore
 
-        store = ActivationStore(args.activations)
+        if sae.is_transcoder != bool(args.targets):
+            raise ConfigError("a transcoder is evaluated on its input store (--activations) paired with its output "
+                              "store (--targets)" if sae.is_transcoder else "--targets is for transcoders; this is an SAE")
+        if args.targets:
+            from sae_kit.store_pair import PairedStore
+
+            store = PairedStore(args.activations, args.targets)
+        else:
+            store = ActivationStore(args.activations)
         if store.d_in != sae.cfg.d_in:
             raise ConfigError(f"the store has d_in={store.d_in} but the SAE expects {sae.cfg.d_in}")
         heldout_fraction = args.heldout_fraction or sae.cfg.metadata.get("heldout_fraction", 0.05)
@@ -276,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate an SAE on held-out activations and/or inside its model")
     p.add_argument("sae", help="SAE folder (cfg.json + sae_weights.safetensors)")
     p.add_argument("--activations", help="activation store folder (reconstruction metrics on its held-out split)")
+    p.add_argument("--targets", help="a transcoder's output-hook store, paired with --activations")
     p.add_argument("--tokens", type=int, default=262_144, help="tokens to evaluate")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--split", default="heldout", choices=("heldout", "train", "all"))

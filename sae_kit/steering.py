@@ -9,6 +9,9 @@ generated tokens), as Neuronpedia's steering does:
   decode, and keep the SAE's error term: ``x + decode(clamped codes) − decode(codes)``. A feature
   clamped to its own value leaves the activation exactly as it was.
 
+A transcoder writes to its output hook (``hook_name_out``): steering adds its decoder rows there
+(``additive`` only).
+
 Both act on each position on its own, so generation keeps its KV cache. The default and steered
 rows of a request are sampled by one generator seeded by the request's seed, and each row stops at
 EOS or at the request's length: the same request always gives the same texts. Many requests are
@@ -42,6 +45,9 @@ def steered_activations(sae, x: torch.Tensor, features: Sequence[tuple[int, floa
     """``x`` [n, d_in] with the given (feature, strength) pairs applied by ``method``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "clamp" and sae.is_transcoder:
+        raise ValueError("clamp re-encodes the activation it steers, and a transcoder encodes another hook's; "
+                         "steer a transcoder with method additive (its decoder rows at the output hook)")
     for index, _ in features:
         if not 0 <= index < sae.cfg.d_sae:
             raise ValueError(f"feature {index} is out of range: the SAE has features 0..{sae.cfg.d_sae - 1}")

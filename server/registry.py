@@ -61,9 +61,15 @@ class ServedSAE:
     store: FeatureStore | None
     store_problem: str | None = None
 
+    @property
+    def output_hook(self) -> str:
+        """Where the SAE writes: its own hook, or a transcoder's output hook (steering acts there)."""
+        return self.sae.cfg.metadata.get("hook_name_out") or self.hook if self.sae.is_transcoder else self.hook
+
     def describe(self) -> dict[str, Any]:
         cfg = self.sae.cfg
         return {"id": self.id, "model": self.model_id, "hook": self.hook, "architecture": cfg.architecture,
+                **({"hook_out": self.output_hook, "d_out": self.sae.d_out} if self.sae.is_transcoder else {}),
                 "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k if self.sae.uses_k else None,
                 "analysed": self.store is not None, "analysis": self._analysis_summary(),
                 "store_problem": self.store_problem, "served": True, "problem": None}

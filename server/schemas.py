@@ -56,8 +56,10 @@ class SAEInfo(BaseModel):
     id: str
     model: Optional[str] = None
     hook: Optional[str] = None
+    hook_out: Optional[str] = Field(default=None, description="a transcoder's output hook (it reads `hook`)")
     architecture: Optional[str] = None
     d_in: Optional[int] = None
+    d_out: Optional[int] = Field(default=None, description="a transcoder's output width")
     d_sae: Optional[int] = None
     k: Optional[int] = None
     analysed: bool

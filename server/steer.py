@@ -30,7 +30,7 @@ async def steer(request: SteerRequest, reg: Registry = Depends(registry)):
     model = reg.models[served[0].model_id]
     limit = reg.limits.max_prompt_tokens
     batcher = model.batcher("steer", lambda items: steer_many(model.model, items, max_prompt_tokens=limit))
-    steering = SteeringRequest(request.prompt, tuple(SteeringFeature(s.sae, s.hook, f.index, f.strength)
+    steering = SteeringRequest(request.prompt, tuple(SteeringFeature(s.sae, s.output_hook, f.index, f.strength)
                                                      for s, f in zip(served, request.features)),
                                max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                                seed=request.seed, method=request.method)

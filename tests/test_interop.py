@@ -218,7 +218,7 @@ def test_sparsify_loads_our_topk_export_and_we_get_it_back_exactly(tmp_path):
     assert_same_sae(back, ours)
 
 
-@pytest.mark.parametrize("cfg,message", [({"transcode": True}, "transcode"), ({"skip_connection": True}, "skip_connection"),
+@pytest.mark.parametrize("cfg,message", [({"skip_connection": True}, "skip_connection"),
                                          ({"activation": "groupmax"}, "groupmax")])
 def test_sparsify_coders_we_cannot_express_are_refused(tmp_path, cfg, message):
     sparsify_coder(**cfg).save_to_disk(tmp_path / "coder")

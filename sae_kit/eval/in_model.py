@@ -14,6 +14,12 @@ the hook's kept activations over all evaluated batches' clean passes so far (a r
 exact from the first batch on for that batch's tokens). Losses are next-token cross-entropies over
 every position but the last.
 
+Transcoders (``sae.is_transcoder``): the transcoder reads its input hook and its prediction replaces
+the output hook (``hook_name_out``, e.g. ``blocks.L.hook_mlp_out``): the spliced, zero- and mean-ablated
+passes act on the MLP's output, and ``fvu_output`` = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over the kept positions
+scores the prediction of the MLP output itself. They take the four full passes (the input is read
+inside the block being replaced).
+
 Speed: at a residual-stream hook the model runs the shared prefix (blocks 0..L) once per batch and
 only the suffix per variant (``split_forward.py``); the ablation baselines (zero- and mean-ablated
 losses) and the prefix's residuals do not depend on the SAE, so they are kept per model and dataset
@@ -52,12 +58,13 @@ def kl_to_clean(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch
     return (clean.exp() * (clean - other)).sum(-1).mean()
 
 
-def splice(sae: SAE, keep: torch.Tensor):
-    """A hook function that replaces the kept positions' activations by the SAE's reconstruction."""
+def splice(sae: SAE, keep: torch.Tensor, inputs: torch.Tensor | None = None):
+    """A hook function that replaces the kept positions' activations by the SAE's reconstruction
+    (a transcoder's prediction from ``inputs``, its input hook's activations of the same tokens)."""
 
     def replace(acts: torch.Tensor) -> torch.Tensor:
         out = acts.clone()
-        out[keep] = sae(acts[keep].float()).to(acts.dtype)
+        out[keep] = sae((acts if inputs is None else inputs)[keep].float()).to(acts.dtype)
         return out
 
     return replace
@@ -111,13 +118,21 @@ def evaluate_in_model(
         raise ValueError("the SAE's cfg.json names no hook_name; pass --hook")
     if model.hook_dim(hook) != sae.cfg.d_in:
         raise ValueError(f"hook {hook} has width {model.hook_dim(hook)} but the SAE expects d_in={sae.cfg.d_in}")
+    # A transcoder replaces its output hook; the interventions and the mean act there.
+    target = sae.cfg.metadata.get("hook_name_out") if sae.is_transcoder else None
+    if sae.is_transcoder and (not target or model.hook_dim(target) != sae.d_out):
+        raise ValueError(f"a transcoder needs its output hook (metadata hook_name_out, {target!r}) of width "
+                         f"d_out={sae.d_out} in the model")
+    out_hook = target or hook
     sae.eval()
     stream = WindowStream(HarvestConfig(out="", hooks=[hook], dataset=dataset, context=context, batch_size=batch_size,
                                         prepend_bos=prepend_bos, skip_bos=skip_bos), model.tokenizer, split=split)
-    cut = split_at(model, hook) if shared_prefix else None
+    cut = split_at(model, hook) if shared_prefix and target is None else None
     slice_key = (hook, dataset, split, context, batch_size, prepend_bos, skip_bos)
     cached = BASELINES.setdefault(model, {}).setdefault(slice_key, []) if cut is not None else []
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
+    output_sums = torch.zeros(3, dtype=torch.float64)  # transcoders: Σ‖y − ŷ‖², Σ‖y‖², and n; Σy below
+    output_sum = None
     mean_sum, mean_count, seen, n_windows, kept_bytes = None, 0, 0, 0, 0
     bar = tqdm(total=max_tokens, unit="tok", desc="eval in model", disable=not progress)
     for index, tokens in enumerate(stream.batches()):
@@ -126,8 +141,12 @@ def evaluate_in_model(
         keep = stream.keep_mask(tokens)
         if cut is None:
             recorded: dict[str, torch.Tensor] = {}
-            clean = model.logits(tokens, replace={hook: lambda acts: recorded.setdefault("acts", acts)})
+            # An SAE's one hook records "acts"; a transcoder's input hook records "inputs" too.
+            record = {name: (lambda acts, key=key: recorded.setdefault(key, acts))
+                      for name, key in ((hook, "inputs"), (out_hook, "acts"))}
+            clean = model.logits(tokens, replace=record)
             acts = recorded["acts"]
+            inputs = recorded.get("inputs", acts)
         else:
             baseline = cached[index] if index < len(cached) else None
             if baseline is not None and not torch.equal(baseline.tokens, tokens.cpu()):
@@ -140,9 +159,14 @@ def evaluate_in_model(
         mean_count += int(keep.sum())
         mean_value = (mean_sum / mean_count).float()
         if cut is None:
-            spliced = model.logits(tokens, replace={hook: splice(sae, keep)})
-            loss_zero = next_token_loss(model.logits(tokens, replace={hook: overwrite(keep, 0.0)}), tokens).item()
-            loss_mean = next_token_loss(model.logits(tokens, replace={hook: overwrite(keep, mean_value)}), tokens).item()
+            spliced = model.logits(tokens, replace={out_hook: splice(sae, keep, inputs if target else None)})
+            loss_zero = next_token_loss(model.logits(tokens, replace={out_hook: overwrite(keep, 0.0)}), tokens).item()
+            loss_mean = next_token_loss(model.logits(tokens, replace={out_hook: overwrite(keep, mean_value)}), tokens).item()
+            if target:
+                y = acts[keep].double()
+                output_sums += torch.tensor([(y - sae(inputs[keep].float()).double()).pow(2).sum(), y.pow(2).sum(),
+                                             y.shape[0]], dtype=torch.float64)
+                output_sum = y.sum(0) if output_sum is None else output_sum + y.sum(0)
         else:
             spliced = cut.suffix(tokens, splice(sae, keep)(acts))
             if baseline is None:
@@ -171,7 +195,13 @@ def evaluate_in_model(
     if n_windows == 0:
         raise ValueError(f"no {split} text to evaluate on in {dataset!r}")
     loss = {name: value / n_windows for name, value in totals.items()}
+    transcoder = {}
+    if target:
+        sse, square_sum, n = output_sums.tolist()
+        transcoder = {"hook_out": target,
+                      "fvu_output": sse / max(square_sum - float(output_sum.pow(2).sum()) / max(n, 1), 1e-30)}
     return {
+        **transcoder,
         "hook": hook,
         "n_tokens": seen,
         "loss_clean": loss["clean"],

@@ -58,9 +58,13 @@ class Converted:
 
 
 def our_config(d_in: int, d_sae: int, architecture: str, *, k: int = 32, normalize: str = "none",
-               dtype: str = "float32", metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"d_in": int(d_in), "d_sae": int(d_sae), "architecture": architecture, "k": int(k),
-            "normalize_activations": normalize, "dtype": dtype, "metadata": dict(metadata or {})}
+               dtype: str = "float32", metadata: dict[str, Any] | None = None, d_out: int | None = None,
+               skip_connection: bool = False) -> dict[str, Any]:
+    config = {"d_in": int(d_in), "d_sae": int(d_sae), "architecture": architecture, "k": int(k),
+              "normalize_activations": normalize, "dtype": dtype, "metadata": dict(metadata or {})}
+    if d_out is not None:  # a transcoder (sae_config_from_dict reads these keys)
+        config.update(d_out=int(d_out), sae_kit={"transcoder": True, "skip_connection": bool(skip_connection)})
+    return config
 
 
 def dtype_name(tensor: torch.Tensor) -> str:

@@ -5,7 +5,8 @@ Same tensor names and orientations as ours (W_enc [d_in, d_sae], W_dec [d_sae, d
 Export (ours → SAELens), inference-exact:
 - ``topk`` → ``topk`` (rescale_acts_by_decoder_norm false); ``relu`` → ``standard``;
   ``abstopk`` with per-token selection → ``abstopk``;
-- ``batchtopk``, ``mutual_choice``, ``feature_choice`` → ``jumprelu`` with our inference threshold:
+- ``jumprelu`` → ``jumprelu`` (the same rule; θ ≥ 0 kept in fp32 by us, cast to the SAE's dtype);
+- ``batchtopk``, ``matryoshka``, ``mutual_choice``, ``feature_choice`` → ``jumprelu`` with our inference threshold:
   SAELens computes relu(u)·1[u > θ], ours keeps relu(u) where relu(u) > θ, the same for every θ;
 - ``gba`` → ``jumprelu`` with b_enc = 0, θ = −b·a and W_enc scaled by the per-latent scale a
   (the gate y0 > −b is y0·a > −b·a when a > 0; refused otherwise).
@@ -16,8 +17,8 @@ threshold on |u|), and our ``layer_norm`` inputs (SAELens' layer norm uses the u
 differently placed epsilon).
 
 Import (SAELens → ours): ``topk`` (decoder-norm rescaling folded into the weights), ``standard``
-(ReLU) → ``relu``, ``jumprelu`` → ``batchtopk`` holding the JumpReLU thresholds (inference is the
-same rule; ``k`` only matters if training continues), ``abstopk`` → ``abstopk``; input normalisation
+(ReLU) → ``relu``, ``jumprelu`` → ``jumprelu`` (its STE scale and bandwidth set from the median
+threshold, for continued training), ``abstopk`` → ``abstopk``; input normalisation
 ``none``, ``expected_average_only_in`` (an identity in SAELens' inference forward), ``layer_norm`` and
 ``constant_norm_rescale`` are mapped onto ours (see common.rescale_normalized_space);
 ``apply_b_dec_to_input: false`` is folded into b_enc. Anything else is refused with its name.
@@ -68,6 +69,8 @@ def export_config_and_tensors(sae: SAE) -> tuple[dict[str, Any], dict[str, torch
     except NotExportable as exc:
         exportable = sorted(name for name, cls in ARCHITECTURES.items() if cls.saelens_export is not SAE.saelens_export)
         raise FormatError(f"{exc}; exportable: {', '.join(exportable)}") from None
+    if sae.is_transcoder:
+        saelens_arch, extra = transcoder_export(sae, saelens_arch, extra, base)
     normalize = "none"
     if cfg.normalize_activations == "unit_norm":
         # SAELens' constant_norm_rescale scales inputs to norm sqrt(d_in) where ours scales to 1.
@@ -75,9 +78,24 @@ def export_config_and_tensors(sae: SAE) -> tuple[dict[str, Any], dict[str, torch
         base = rescale_normalized_space(base, 1 / math.sqrt(cfg.d_in))
     metadata = {**cfg.metadata, "sae_lens_version": FORMAT_VERSION}
     config = {"architecture": saelens_arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype,
-              "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": normalize,
+              "device": "cpu", "apply_b_dec_to_input": not sae.is_transcoder, "normalize_activations": normalize,
               "reshape_activations": "none", "metadata": metadata, **extra}
     return config, {name: t.contiguous() for name, t in base.items()}
+
+
+# SAELens' transcoders: the ReLU and JumpReLU rules, each with or without W_skip.
+TRANSCODERS = {"standard": ("transcoder", "skip_transcoder"), "jumprelu": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}
+
+
+def transcoder_export(sae: SAE, saelens_arch: str, extra: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """A transcoder as SAELens' (jumprelu_)(skip_)transcoder: d_out, W_dec [d_sae, d_out], b_dec [d_out],
+    W_skip [d_out, d_in] applied as x·W_skipᵀ, no b_dec on the input; hook_name_out in the metadata."""
+    if saelens_arch not in TRANSCODERS:
+        raise FormatError(f"SAELens has ReLU and JumpReLU transcoders only; a {sae.cfg.architecture!r} transcoder "
+                          f"computes {saelens_arch!r} (export a topk transcoder to sparsify instead)")
+    if sae.cfg.skip_connection:
+        tensors["W_skip"] = sae.W_skip.detach().clone()
+    return TRANSCODERS[saelens_arch][sae.cfg.skip_connection], {**extra, "d_out": sae.d_out}
 
 
 def export_tensors(sae: SAE) -> dict[str, torch.Tensor]:
@@ -137,7 +155,14 @@ def convert(path: Path) -> tuple[Converted, dict[str, torch.Tensor]]:
     if cfg.get("reshape_activations", "none") != "none":
         raise FormatError(f"{path}: reshape_activations={cfg['reshape_activations']!r} (hook_z SAEs) is not supported; "
                           "our SAEs read flat [tokens, d_in] activations")
-    require(foreign, ("W_enc", "W_dec", "b_dec"), path / WEIGHTS_FILE)
+    # A transcoder is its encoder's rule plus d_out (and W_skip): import the rule, then the output side.
+    transcoder = next((rule for rule, names in TRANSCODERS.items() if foreign_arch in names), None)
+    skip = transcoder is not None and "skip" in foreign_arch
+    if transcoder is not None:
+        if not isinstance(cfg.get("d_out"), int) or cfg.get("normalize_activations", "none") != "none":
+            raise FormatError(f"{path / CONFIG_FILE}: a {foreign_arch} needs an integer d_out and no input normalisation")
+        foreign_arch = transcoder
+    require(foreign, ("W_enc", "W_dec", "b_dec") + (("W_skip",) if skip else ()), path / WEIGHTS_FILE)
     tensors = {name: foreign[name].clone() for name in ("W_enc", "W_dec", "b_dec")}
     tensors["b_enc"] = foreign["b_enc"].clone() if "b_enc" in foreign else torch.zeros(cfg["d_sae"], dtype=foreign["W_enc"].dtype)
     for legacy in ("scaling_factor", "finetuning_scaling_factor"):
@@ -162,14 +187,27 @@ def convert(path: Path) -> tuple[Converted, dict[str, torch.Tensor]]:
         ours, k = "relu", 32
     elif foreign_arch == "jumprelu":
         require(foreign, ("threshold",), path / WEIGHTS_FILE)
-        ours, k = "batchtopk", int(cfg.get("k", 32))
-        tensors["threshold"] = foreign["threshold"].clone()
-        notes.append("jumprelu imported as batchtopk: inference is the same thresholded ReLU; k only matters "
-                     "if you continue training")
+        ours, k = "jumprelu", int(cfg.get("k", 32))
+        threshold = foreign["threshold"].float()
+        if bool((threshold < 0).any()):
+            # SAELens gates on θ.relu(); ours keeps θ >= 0 (a negative θ is the same gate as 0).
+            threshold = threshold.clamp_min(0)
+            notes.append("negative thresholds clamped to 0 (SAELens gates on threshold.relu())")
+        tensors["threshold"] = threshold
+        # For continued training: the STE's scale s and bandwidth from the thresholds (jumprelu.py).
+        positive = threshold[threshold > 0]
+        scale = float(positive.median()) if positive.numel() else 1.0
+        tensors["data_scale"] = torch.tensor(scale, dtype=torch.float32)
+        tensors["bandwidth"] = torch.tensor(0.1 * scale, dtype=torch.float32)
     else:
         raise FormatError(f"{path}: SAELens architecture {foreign_arch!r} has no sae-kit counterpart; "
-                          "importable: topk, abstopk, standard, jumprelu")
-    if not cfg.get("apply_b_dec_to_input", True):
+                          "importable: topk, abstopk, standard, jumprelu and the four transcoders")
+    if transcoder is not None:
+        if skip:
+            tensors["W_skip"] = foreign["W_skip"].clone()
+        # Continued training renormalises decoder rows to this norm (base.py); SAELens keeps them as they are.
+        tensors["decoder_norm"] = foreign["W_dec"].float().norm(dim=1).mean()
+    elif not cfg.get("apply_b_dec_to_input", True):
         tensors = fold_input_bias(tensors)
         notes.append("apply_b_dec_to_input=false folded into b_enc")
     normalize = cfg.get("normalize_activations", "none")
@@ -186,9 +224,10 @@ def convert(path: Path) -> tuple[Converted, dict[str, torch.Tensor]]:
     else:
         raise FormatError(f"{path}: normalize_activations={normalize!r} is not supported")
     config = our_config(cfg["d_in"], cfg["d_sae"], ours, k=k, normalize=ours_norm,
-                        dtype=dtype_name(foreign["W_enc"]), metadata=cfg.get("metadata") or {})
+                        dtype=dtype_name(foreign["W_enc"]), metadata=cfg.get("metadata") or {},
+                        d_out=cfg["d_out"] if transcoder is not None else None, skip_connection=skip)
     config["metadata"].pop("sae_lens_version", None)
-    config["sae_kit"] = {"options": options}
+    config["sae_kit"] = {**config.get("sae_kit", {}), "options": options}
     return Converted(config, tensors, notes), foreign
 
 
