@@ -191,6 +191,34 @@ def cmd_bench_synthetic(args) -> int:
     return 0
 
 
+def cmd_bench_reproduce(args) -> int:
+    from sae_kit.experiments.reproduce import rows_as_json, run_claims, write_outputs
+
+    rows = run_claims(args.claim, quick=args.quick, seed=args.seed)
+    for row in rows:
+        print(f"{row['name']}: {row['verdict']} ({row['wall_s']} s)\n  paper: {row['paper_value']}\n  ours:  {row['ours']}")
+    if args.out:
+        print(f"written to {write_outputs(rows, args.out, quick=args.quick, seed=args.seed)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows_as_json(rows), indent=2, default=str))
+    return 0
+
+
+def cmd_bench_pareto(args) -> int:
+    from sae_kit.config import args_to_settings
+    from sae_kit.experiments.pareto import ParetoSettings, figure, format_markdown, run_pareto
+
+    settings = ParetoSettings(**args_to_settings(ParetoSettings, args))
+    rows = run_pareto(settings, progress=settings.progress)
+    table = format_markdown(rows)
+    print(table)
+    out = Path(settings.out)
+    figure(rows).write_html(str(out / "pareto.html"), include_plotlyjs="cdn")
+    (out / "pareto.md").write_text(table + "\n")
+    print(f"table, figure and rows in {out}/pareto.md, pareto.html, pareto.jsonl")
+    return 0
+
+
 def cmd_export(args) -> int:
     from sae_kit.interop.commands import cmd_export as run
 
@@ -340,6 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the table's rows as JSON")
     p.add_argument("--no-progress", action="store_true")
 
+    p = bench.add_parser("reproduce", help="re-run each seed method's published headline claim")
+    p.add_argument("--claim", nargs="+", default=["all"], help="claim names (default: all)")
+    p.add_argument("--quick", action="store_true", help="CI sizes (seconds), not the documented full sizes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the markdown table here and one HTML figure per claim beside it")
+    p.add_argument("--json", help="write the rows as JSON")
+
+    from sae_kit.experiments.pareto import ParetoSettings
+
+    p = bench.add_parser("pareto", help="every architecture at several sparsities on one store (FVU, CE, KL, L0, dead)")
+    add_arguments(p, ParetoSettings)
+
     from sae_kit.explain.cli import add_parser as add_explain_parser
 
     add_explain_parser(sub)
@@ -361,6 +401,8 @@ COMMANDS = {
     ("store", "synth"): cmd_store_synth,
     ("store", "join"): cmd_store_join,
     ("bench", "synthetic"): cmd_bench_synthetic,
+    ("bench", "reproduce"): cmd_bench_reproduce,
+    ("bench", "pareto"): cmd_bench_pareto,
     ("export",): cmd_export,
     ("import",): cmd_import,
     ("plugins",): cmd_plugins,

@@ -374,7 +374,7 @@ def test_mutual_choice_keeps_exactly_k_times_b() -> None:
 
 
 def test_aux_zipf_weights_dead_one_overused_zero_underused_fractional() -> None:
-    sae = make_sae("mutual_choice", d_sae=8, options={"zipf_alpha": 1.0, "zipf_beta": 0.0})
+    sae = make_sae("mutual_choice", d_sae=8, options={"zipf_alpha": 1.0, "zipf_beta": 0.0, "alive_priority": 1.0})
     density = torch.tensor([0.5, 0.3, 0.0, 0.05, 0.2, 0.0, 0.01, 0.1])
     sae.feature_density.copy_(density)
     dead = torch.zeros(8, dtype=torch.bool)
@@ -394,6 +394,13 @@ def test_aux_zipf_weights_dead_one_overused_zero_underused_fractional() -> None:
     assert weights[1] == 1.0  # dead
     assert weights[2] == 1.0 and weights[5] == 1.0  # never fired
     assert 0 < weights[7] < 1 or 0 < weights[6] < 1  # a partly under-used latent
+    # By default (alive_priority 0.1) dead latents outrank alive ones: only alive weights shrink.
+    prioritised = make_sae("mutual_choice", d_sae=8, options={"zipf_alpha": 1.0, "zipf_beta": 0.0})
+    prioritised.feature_density.copy_(density)
+    mark_dead(prioritised, dead)
+    scaled = expected * 0.1
+    scaled[1] = 1.0
+    torch.testing.assert_close(prioritised.underutilisation_weights().double(), scaled, rtol=1e-5, atol=1e-6)
 
 
 def test_aux_zipf_equals_auxk_when_weights_are_the_dead_mask(monkeypatch) -> None:
@@ -750,7 +757,9 @@ def test_gba_statistics_and_adaptation_schedule() -> None:
 
 
 def test_gba_biases_stay_in_range_over_many_adaptations() -> None:
-    opts = {"groups": 4, "adapt_every": 1, "gamma_up": 5.0, "gamma_down": 1.5}  # large steps reach both clamps
+    # The paper's rule (constant steps, raise dead neurons only); large steps reach both clamps.
+    opts = {"groups": 4, "adapt_every": 1, "gamma_up": 5.0, "gamma_down": 1.5, "step_growth": 1.0, "raise_below": 0.0,
+            "max_step": 10.0}
     sae = make_sae("gba", d_in=16, d_sae=32, options=opts)
     g = torch.Generator().manual_seed(123)
     optimizer = torch.optim.Adam(sae.trainable_parameters(), lr=1e-2)

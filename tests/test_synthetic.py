@@ -115,3 +115,14 @@ def test_synthetic_source_streams_differ_by_split_and_seed() -> None:
     assert not torch.equal(first(seed=0), first(seed=1))
     assert not torch.equal(first(split="train"), first(split="heldout"))
     assert torch.equal(next(source.iter_batches(64, start_batch=3)), list(zip(range(4), source.iter_batches(64)))[3][1])
+
+
+def test_zipf_dataset_fires_by_a_power_law_with_the_requested_mean() -> None:
+    dataset = make_dataset("zipf", seed=0, d=32, n_features=200, mean_active=1.5, exponent=1.0)
+    probabilities = dataset.sparsity.probabilities
+    assert float(probabilities.sum()) == pytest.approx(1.5)
+    assert float(probabilities[0] / probabilities[9]) == pytest.approx(10.0)  # p_i ∝ 1/(i+1)
+    _, codes = dataset.sample(20_000, torch.Generator().manual_seed(1))
+    assert float((codes != 0).sum(1).double().mean()) == pytest.approx(1.5, rel=0.05)
+    with pytest.raises(ValueError, match="exponent"):
+        make_dataset("zipf", exponent=0.0)

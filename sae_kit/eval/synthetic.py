@@ -35,6 +35,7 @@ __all__ = [
     "random_unit_features",
     "sharkey_dataset",
     "signed_dataset",
+    "zipf_dataset",
 ]
 
 
@@ -196,14 +197,19 @@ def decaying_probabilities(n_features: int, decay: float, mean_active: float) ->
     """
     if not 0 < decay <= 1:
         raise ValueError(f"decay must be in (0, 1], got {decay}")
+    return rescaled_probabilities(decay ** torch.arange(n_features, dtype=torch.float64), mean_active,
+                                  f"with decay {decay}", "raise the decay")
+
+
+def rescaled_probabilities(weights: torch.Tensor, mean_active: float, profile: str, remedy: str) -> torch.Tensor:
+    """``weights`` (float64) scaled so that they sum to ``mean_active``; raises if one exceeds 1."""
     if mean_active < 0:
         raise ValueError(f"mean_active must be non-negative, got {mean_active}")
-    weights = decay ** torch.arange(n_features, dtype=torch.float64)
     probabilities = weights * (mean_active / weights.sum())
     if float(probabilities.max()) > 1.0:
         raise ValueError(
-            f"mean_active={mean_active} over {n_features} features with decay {decay} needs a firing "
-            f"probability of {float(probabilities.max()):.3f} > 1; lower mean_active or raise the decay"
+            f"mean_active={mean_active} over {weights.numel()} features {profile} needs a firing "
+            f"probability of {float(probabilities.max()):.3f} > 1; lower mean_active or {remedy}"
         )
     return probabilities
 
@@ -282,10 +288,36 @@ def signed_dataset(
     return PlantedDataset("signed", features, sparsity, magnitude_range, signed=True)
 
 
+def zipf_dataset(
+    *,
+    seed: int = 0,
+    d: int = 64,
+    n_features: int = 400,
+    mean_active: float = 1.5,
+    exponent: float = 1.0,
+    magnitude_range: tuple[float, float] = (0.0, 1.0),
+) -> PlantedDataset:
+    """Zipf-distributed firing, several hundred features in superposition, mean L0 below 2.
+
+    Feature ``i`` fires independently with probability proportional to ``(i + 1) ** -exponent``,
+    rescaled so that the mean number of active features is ``mean_active``; coefficients ``U(0, 1]``.
+    This is the regime where top-AFA used to run away (dense codes) and GBA to leave latents dead:
+    most features are rare, a few are common, and samples carry one or two features.
+    """
+    if exponent <= 0:
+        raise ValueError(f"zipf exponent must be > 0, got {exponent}")
+    generator = torch.Generator().manual_seed(seed)
+    features = random_unit_features(n_features, d, generator)
+    weights = (torch.arange(n_features, dtype=torch.float64) + 1).pow(-exponent)
+    probabilities = rescaled_probabilities(weights, mean_active, f"with Zipf exponent {exponent}", "lower the exponent")
+    return PlantedDataset("zipf", features, BernoulliSparsity(probabilities), magnitude_range, signed=False)
+
+
 _BUILDERS: dict[str, Callable[..., PlantedDataset]] = {
     "sharkey": sharkey_dataset,
     "gba_imbalanced": gba_imbalanced_dataset,
     "signed": signed_dataset,
+    "zipf": zipf_dataset,
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 

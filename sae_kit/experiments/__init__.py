@@ -1,1 +1,2 @@
-"""Experiments: runs that train and compare SAEs (``sae-kit ablate``, ``sae-kit bench``) and render their results."""
+"""Experiments: runs that train and compare SAEs (``sae-kit ablate``, ``sae-kit bench``: synthetic,
+reproduce, pareto) and render their results."""

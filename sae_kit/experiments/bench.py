@@ -41,6 +41,8 @@ DATASETS = {
     "gba_imbalanced": DatasetSettings(d_sae=512, k=12, steps=3000, extra_runs=[("topk k=30", "topk", 30)]),
     # Signed codes: 2x dictionary so TopK has room for +v and -v.
     "signed": DatasetSettings(d_sae=256, k=4, steps=800, absolute=True),
+    # Zipf firing, 400 features in d=64, mean L0 1.5: rare features and one or two per sample.
+    "zipf": DatasetSettings(d_sae=800, k=2, steps=800),
 }
 
 LEARNING_RATE = 1e-3  # Sharkey et al.'s toy setting; the default width-scaled lr is for LLM widths

@@ -144,6 +144,12 @@ class SAE(nn.Module):
         return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @classmethod
+    def sparsity_settings(cls, target_l0: int) -> dict[str, Any]:
+        """SAEConfig/TrainConfig overrides that make this architecture run at about ``target_l0``
+        mean active latents (``bench pareto`` and any "train at L0 ≈ N" code): k for the TopK family."""
+        return {"k": int(target_l0)}
+
+    @classmethod
     def short_run_options(cls) -> dict[str, Any]:
         """Options for runs of ~10^3 steps (benchmarks, ablations) where the defaults assume far more."""
         return {}
