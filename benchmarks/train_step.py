@@ -12,6 +12,8 @@ time each), so machine load hits them alike. Forward + backward rows:
   saelens         SAELens' TopKTrainingSAE.training_forward_pass (its defaults), without / with AuxK
   sparsify        EleutherAI sparsify's SparseCoder forward (fvu + auxk), without / with AuxK
   batchtopk, mutual_choice, feature_choice   sae-kit's other selection rules (against ours)
+  jumprelu        sae-kit's JumpReLU step (mask selection, STE band, quadratic L0 penalty), thresholds
+                  placed at L0 = k on the data; matryoshka: Matryoshka BatchTopK (default 4 prefixes)
 
 Whole-step rows (``step/...``), each one optimizer update:
   step/ours       ``Trainer.train_step`` of a TopK run: Adam, gradient clipping, decoder gradient
@@ -106,11 +108,15 @@ def make_paths(names: list[str], x: torch.Tensor, n: int, k: int, seed: int) -> 
                 return ((codes @ m.W_dec + m.b_dec) - x).pow(2).sum(1).mean() / variance
 
             paths[name] = step(module, dense_loss)
-        elif name.split("+")[0] in ("ours", "batchtopk", "mutual_choice", "feature_choice"):
+        elif name.split("+")[0] in ("ours", "batchtopk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka"):
             from sae_kit.sae import SAEConfig, create_sae
 
             architecture = {"ours": "topk"}.get(name.split("+")[0], name.split("+")[0])
-            sae = create_sae(SAEConfig(d_in=d_in, d_sae=n, architecture=architecture, k=k)).train()
+            options = {"target_l0": k} if architecture == "jumprelu" else {}
+            sae = create_sae(SAEConfig(d_in=d_in, d_sae=n, architecture=architecture, k=k, options=options))
+            if architecture == "jumprelu":
+                sae.init_from_data(x)  # thresholds at the L0 = k quantile: the same L0 as TopK's k
+            sae.train()
             if name.endswith("+auxk"):
                 sae.tokens_since_fired[dead] = sae.cfg.dead_tokens_threshold
             paths[name] = step(sae, lambda sae=sae: sae.training_forward(x, variance).loss)
@@ -203,8 +209,13 @@ def whole_step_path(name: str, x: torch.Tensor, n: int, k: int, seed: int, dead:
     architecture = "topk" if base == "ours" else base
     out = tempfile.mkdtemp(prefix="train_step_bench_")
     atexit.register(shutil.rmtree, out, ignore_errors=True)  # the trainer's run folder, not wanted after
-    cfg = TrainConfig(architecture=architecture, k=k, d_sae=n, batch_size=x.shape[0], tokens=10**12,
-                      warmup_steps=0, init_tokens=min(x.shape[0], 4096), out=out, progress=False, seed=seed)
+    # At the same mean L0 as TopK's k: the architecture's own knob (JumpReLU: its target-L0 penalty).
+    from sae_kit.sae import ARCHITECTURES
+
+    knob = getattr(ARCHITECTURES[architecture], "sparsity_settings", None)
+    settings = {"k": k, **(knob(k) if knob else {})}
+    cfg = TrainConfig(architecture=architecture, d_sae=n, batch_size=x.shape[0], tokens=10**12,
+                      warmup_steps=0, init_tokens=min(x.shape[0], 4096), out=out, progress=False, seed=seed, **settings)
     trainer = Trainer(cfg, InMemorySource(x), data_parallel=False)
     threshold = trainer.sae.cfg.dead_tokens_threshold
 
@@ -290,7 +301,7 @@ def report(latents: int, args, median: dict[str, float], memory: dict[str, float
             print(row + (f"{mem:>10.0f}" if mem is not None else f"{'':>10}"))
     if "ours" in median:
         print("selection rules against our TopK step (time ratio, target <= 1.3):",
-              ", ".join(f"{n} {median[n] / median['ours']:.2f}" for n in ("batchtopk", "mutual_choice", "feature_choice") if n in median))
+              ", ".join(f"{n} {median[n] / median['ours']:.2f}" for n in ("batchtopk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka") if n in median))
     ours = STEP + "ours"
     if ours in median:
         floor = median["floor"]
@@ -310,7 +321,7 @@ def default_paths() -> list[str]:
     from sae_kit.sae import ARCHITECTURES
 
     forward_backward = ["floor", "dense", "ours", "ours+auxk", "saelens", "saelens+auxk", "sparsify", "sparsify+auxk",
-                        "batchtopk", "mutual_choice", "feature_choice"]
+                        "batchtopk", "mutual_choice", "feature_choice", "jumprelu", "matryoshka"]
     whole = ["ours", "ours+auxk", "saelens", "saelens+auxk", "sparsify", "sparsify+auxk"]
     whole += sorted(a for a in ARCHITECTURES if a != "topk")
     return forward_backward + [STEP + name for name in whole]

@@ -83,6 +83,9 @@ class SAESettings:
     aux_coefficient: float = setting(1 / 32, "weight of the dead-latent auxiliary loss")
     # Latents used by the dead-latent auxiliary loss; None means d_in // 2 (Gao et al. App. B.1).
     k_aux: int | None = setting(None, "latents in the auxiliary loss (default d_in/2)")
+    # Skip transcoders (Paulo et al. 2025): an affine W_skip [d_out, d_in] beside the sparse path.
+    skip_connection: bool = setting(False, "skip transcoder: train an affine W_skip beside the sparse path "
+                                           "(with --targets or --target-hook)")
     # Architecture-specific settings, typed by the architecture's ``Options`` dataclass when the config is built.
     options: dict[str, Any] = setting(factory=dict, help="architecture options (--opt KEY=VALUE)", cli=False)
 
@@ -117,6 +120,8 @@ class SAEConfig(SAESettings):
     d_in: int
     d_sae: int
     dtype: str = "float32"
+    # Transcoders: the output hook's width (None: an SAE, which reconstructs its own input).
+    d_out: int | None = None
     # Provenance: model_name, hook_name, context_size, dataset_path... (SAELens metadata keys).
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -125,6 +130,12 @@ class SAEConfig(SAESettings):
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         self.check_sae_settings(self.d_sae)
+        if self.d_out is not None:
+            check_positive(self, ("d_out",))
+            if self.normalize_activations not in (None, "none"):
+                raise ConfigError("transcoders read and predict raw activations: use normalize_activations none")
+        if self.skip_connection and self.d_out is None:
+            raise ConfigError("skip_connection is for transcoders: give the output width d_out (train with --targets)")
 
 
 def registered_architectures() -> dict[str, type]:
@@ -149,9 +160,16 @@ class TrainConfig(SAESettings):
     # Or train straight from a model, without a cache (harvest on the fly):
     model: str | None = setting(None, "train straight from this model's activations, without a cache (with --hook)")
     hook: str | None = setting(None, "hook name for --model, e.g. blocks.6.hook_resid_post")
+    # Transcoders: the output hook's store (rows aligned with --activations'), or its hook with --model.
+    targets: str | None = setting(None, "transcoder: the output hook's store, harvested with --activations' hook in one "
+                                        "run (e.g. blocks.6.hook_mlp_out beside blocks.6.ln2.hook_normalized)")
+    target_hook: str | None = setting(None, "transcoder from --model: the output hook to predict "
+                                            "(e.g. blocks.6.hook_mlp_out)")
     dataset: str = setting("default", "text dataset for --model: 'default', a local file/folder, or a hub name")
     context: int = setting(128, "tokens per context window for --model")
     out: str = setting("runs/sae", "run folder (checkpoints, metrics, report, final SAE)")
+    target_l0: int | None = setting(None, "train at about this mean L0: sets the architecture's own sparsity knob "
+                                          "(k, or JumpReLU's L0 controller)")
     expansion: int = setting(8, "d_sae = expansion × d_in")
     d_sae: int | None = setting(None, "number of latents (overrides --expansion)")
     lr: float | None = setting(None, "Adam learning rate (default: the architecture's, 2e-4/sqrt(d_sae/2^14) for TopK)")
@@ -182,8 +200,15 @@ class TrainConfig(SAESettings):
         check_positive(self, ("warmup_steps",), minimum=0)
         if self.d_sae is not None:
             check_positive(self, ("d_sae",))
+        if self.target_l0 is not None:
+            self.apply_target_l0()
         self.check_sae_settings(self.d_sae)
         check_choices(self)
+        if self.targets and isinstance(self.activations, list):
+            raise ConfigError("--targets pairs one input store with one output store: give one --activations")
+        if self.skip_connection and not (self.targets or self.target_hook):
+            raise ConfigError("skip_connection is for transcoders: give the output store (--targets) "
+                              "or, with --model, the output hook (--target-hook)")
         # A negative clip norm would flip every gradient (clip_grad_norm_ scales by max_norm / norm).
         if self.grad_clip is not None and not self.grad_clip >= 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 or None disables it), got {self.grad_clip!r}")
@@ -204,6 +229,19 @@ class TrainConfig(SAESettings):
         # opened, and the trainer takes these instances.
         self._built_plugins = build_plugins(self.plugins)
         self.plugins = typed_specs(self._built_plugins)
+
+    def apply_target_l0(self) -> None:
+        """Fold ``target_l0`` into the architecture's own knob: its ``sparsity_settings(N)`` overrides
+        (``{"k": N}`` for the TopK family, options such as JumpReLU's ``target_l0``)."""
+        check_positive(self, ("target_l0",))
+        cls = registered_architectures().get(self.architecture)
+        if cls is None:
+            return  # check_sae_settings names the unknown architecture
+        knob = getattr(cls, "sparsity_settings", None)
+        if knob is None and not cls.uses_k:
+            raise ConfigError(f"architecture {self.architecture!r} has no target-L0 setting; tune its own options")
+        for name, value in (knob(self.target_l0) if knob else {"k": self.target_l0}).items():
+            setattr(self, name, {**self.options, **value} if name == "options" else value)
 
     def take_plugins(self) -> list:
         """The plugins built with this config (for the first trainer), fresh ones after that."""
@@ -233,8 +271,8 @@ class TrainConfig(SAESettings):
     def total_steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
 
-    def sae_config(self, d_in: int, metadata: dict[str, Any]) -> SAEConfig:
-        return SAEConfig(d_in=d_in, d_sae=self.d_sae or self.expansion * d_in, metadata=metadata,
+    def sae_config(self, d_in: int, metadata: dict[str, Any], d_out: int | None = None) -> SAEConfig:
+        return SAEConfig(d_in=d_in, d_out=d_out, d_sae=self.d_sae or self.expansion * d_in, metadata=metadata,
                          **{**self.sae_settings(), "options": dict(self.options)})
 
     def learning_rate(self, base_lr: float, step: int) -> float:

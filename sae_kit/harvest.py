@@ -212,20 +212,30 @@ class ModelSource:
     """
 
     def __init__(self, model, hook: str, *, dataset: str = "default", column: str = "text", context: int = 128,
-                 batch_size: int = 8, block_windows: int = 64, prepend_bos: bool = True, skip_bos: bool = True):
+                 batch_size: int = 8, block_windows: int = 64, prepend_bos: bool = True, skip_bos: bool = True,
+                 target_hook: str | None = None):
         model.layer_of(hook)
         self.model = model
         self.hook_name = hook
+        # A transcoder's target: rows become [input hook | target hook] of the same tokens (store_pair.py).
+        self.target_hook = target_hook
+        if target_hook is not None:
+            model.layer_of(target_hook)
+            self.d_out = model.hook_dim(target_hook)
+        self.hooks = [hook] if target_hook is None else [hook, target_hook]
         self.model_name = model.name
         self.context_size = context
         self.d_in = model.hook_dim(hook)
         self.block_windows = block_windows
-        self.cfg = HarvestConfig(out="", hooks=[hook], model=model.name, dataset=dataset, column=column,
+        self.cfg = HarvestConfig(out="", hooks=list(self.hooks), model=model.name, dataset=dataset, column=column,
                                  context=context, batch_size=batch_size, prepend_bos=prepend_bos, skip_bos=skip_bos)
 
     def metadata_for_sae(self) -> dict:
-        return {**self.model.metadata(), "model_name": self.model_name, "hook_name": self.hook_name,
+        meta = {**self.model.metadata(), "model_name": self.model_name, "hook_name": self.hook_name,
                 "context_size": self.context_size, "dataset_path": self.cfg.dataset}
+        if self.target_hook is not None:
+            meta["hook_name_out"] = self.target_hook
+        return meta
 
     def _blocks(self, split: str) -> Iterator[list[torch.Tensor]]:
         stream = WindowStream(self.cfg, self.model.tokenizer, split=split)
@@ -246,8 +256,9 @@ class ModelSource:
                 if position + n_rows <= start_row:
                     position += n_rows
                     continue
-                acts = torch.cat([self.model.capture(chunk, [self.hook_name])[self.hook_name]
-                                  for chunk in tokens.split(self.cfg.batch_size)])[keep]
+                captured = [self.model.capture(chunk, self.hooks) for chunk in tokens.split(self.cfg.batch_size)]
+                acts = torch.cat([torch.cat([c[h].to(torch.float32) for h in self.hooks], dim=-1)
+                                  for c in captured])[keep]
                 if split == "train":
                     generator = derived_generator("model-source", seed, epoch, index)
                     acts = acts[torch.randperm(acts.shape[0], generator=generator)]

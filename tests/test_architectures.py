@@ -1052,7 +1052,7 @@ def test_init_from_data_sets_b_dec_to_median_in_normalised_space() -> None:
 # ----------------------------------------------------------------------------- config errors
 def test_unknown_architecture_lists_the_choices() -> None:
     with pytest.raises(ConfigError) as info:
-        create_sae(SAEConfig(d_in=8, d_sae=16, architecture="jumprelu"))
+        create_sae(SAEConfig(d_in=8, d_sae=16, architecture="no_such_architecture"))
     for name in ALL_ARCHITECTURES:
         assert name in str(info.value)
     assert set(ALL_ARCHITECTURES) <= set(ARCHITECTURES)

@@ -44,11 +44,13 @@ def evaluate_sae(
             except StopIteration:
                 break
             x = x[: max_tokens - seen].to(sae.b_dec.device, torch.float32)
+            x, target = sae.split_pair(x)  # a transcoder is scored on its output hook
             x_n, norm = sae.normalize(x)
             codes = sae.select(sae.pre_activations(x_n), x_n)
-            x_hat_n = sae.decode_normalized(codes)
-            metrics.update(x, norm.undo(x_hat_n), codes)
-            afa.update(x_n, x_hat_n, codes, decoder_norms=sae.W_dec.norm(dim=1), b_dec=sae.b_dec)
+            x_hat_n = sae.decode_normalized(codes) + sae.skip(x_n)
+            metrics.update(target, norm.undo(x_hat_n), codes)
+            afa.update(target if sae.is_transcoder else x_n, x_hat_n, codes, decoder_norms=sae.W_dec.norm(dim=1),
+                       b_dec=sae.b_dec)
             seen += x.shape[0]
     finally:
         sae.train(was_training)

@@ -5,7 +5,8 @@ Same tensor names and orientations as ours (W_enc [d_in, d_sae], W_dec [d_sae, d
 Export (ours → SAELens), inference-exact:
 - ``topk`` → ``topk`` (rescale_acts_by_decoder_norm false); ``relu`` → ``standard``;
   ``abstopk`` with per-token selection → ``abstopk``;
-- ``batchtopk``, ``mutual_choice``, ``feature_choice`` → ``jumprelu`` with our inference threshold:
+- ``jumprelu`` → ``jumprelu`` (the same rule; θ ≥ 0 kept in fp32 by us, cast to the SAE's dtype);
+- ``batchtopk``, ``matryoshka``, ``mutual_choice``, ``feature_choice`` → ``jumprelu`` with our inference threshold:
   SAELens computes relu(u)·1[u > θ], ours keeps relu(u) where relu(u) > θ, the same for every θ;
 - ``gba`` → ``jumprelu`` with b_enc = 0, θ = −b·a and W_enc scaled by the per-latent scale a
   (the gate y0 > −b is y0·a > −b·a when a > 0; refused otherwise).
@@ -16,8 +17,8 @@ threshold on |u|), and our ``layer_norm`` inputs (SAELens' layer norm uses the u
 differently placed epsilon).
 
 Import (SAELens → ours): ``topk`` (decoder-norm rescaling folded into the weights), ``standard``
-(ReLU) → ``relu``, ``jumprelu`` → ``batchtopk`` holding the JumpReLU thresholds (inference is the
-same rule; ``k`` only matters if training continues), ``abstopk`` → ``abstopk``; input normalisation
+(ReLU) → ``relu``, ``jumprelu`` → ``jumprelu`` (its STE scale and bandwidth set from the median
+threshold, for continued training), ``abstopk`` → ``abstopk``; input normalisation
 ``none``, ``expected_average_only_in`` (an identity in SAELens' inference forward), ``layer_norm`` and
 ``constant_norm_rescale`` are mapped onto ours (see common.rescale_normalized_space);
 ``apply_b_dec_to_input: false`` is folded into b_enc. Anything else is refused with its name.
@@ -162,10 +163,18 @@ def convert(path: Path) -> tuple[Converted, dict[str, torch.Tensor]]:
         ours, k = "relu", 32
     elif foreign_arch == "jumprelu":
         require(foreign, ("threshold",), path / WEIGHTS_FILE)
-        ours, k = "batchtopk", int(cfg.get("k", 32))
-        tensors["threshold"] = foreign["threshold"].clone()
-        notes.append("jumprelu imported as batchtopk: inference is the same thresholded ReLU; k only matters "
-                     "if you continue training")
+        ours, k = "jumprelu", int(cfg.get("k", 32))
+        threshold = foreign["threshold"].float()
+        if bool((threshold < 0).any()):
+            # SAELens gates on θ.relu(); ours keeps θ >= 0 (a negative θ is the same gate as 0).
+            threshold = threshold.clamp_min(0)
+            notes.append("negative thresholds clamped to 0 (SAELens gates on threshold.relu())")
+        tensors["threshold"] = threshold
+        # For continued training: the STE's scale s and bandwidth from the thresholds (jumprelu.py).
+        positive = threshold[threshold > 0]
+        scale = float(positive.median()) if positive.numel() else 1.0
+        tensors["data_scale"] = torch.tensor(scale, dtype=torch.float32)
+        tensors["bandwidth"] = torch.tensor(0.1 * scale, dtype=torch.float32)
     else:
         raise FormatError(f"{path}: SAELens architecture {foreign_arch!r} has no sae-kit counterpart; "
                           "importable: topk, abstopk, standard, jumprelu")

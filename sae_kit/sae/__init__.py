@@ -7,7 +7,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sae_kit.config import ConfigError, SAEConfig, check_types, load_config_file
-from sae_kit.sae import abstopk, batchtopk, feature_choice, gba, mutual_choice, relu, topafa, topk  # noqa: F401 (registers)
+from sae_kit.sae import abstopk, batchtopk, feature_choice, gba, jumprelu, matryoshka, mutual_choice, relu, topafa, topk  # noqa: F401 (registers)
 from sae_kit.sae.base import ARCHITECTURES, CONFIG_FILE, SAE, WEIGHTS_FILE
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "create_sae", "load_sae", "sae_config_from_dict"]
@@ -32,7 +32,11 @@ def sae_config_from_dict(data: dict) -> SAEConfig:
               "dtype": data.get("dtype", "float32"),
               "dead_tokens_threshold": ours.get("dead_tokens_threshold", 10_000_000),
               "aux_coefficient": ours.get("aux_coefficient", 1 / 32), "k_aux": ours.get("k_aux"),
-              "options": ours.get("options", {}), "metadata": data.get("metadata", {})}
+              "options": ours.get("options", {}), "metadata": data.get("metadata", {}),
+              # A transcoder (sae_kit.transcoder) predicts a d_out-wide output hook; SAELens' d_out alone
+              # does not make one (its SAEs carry d_out = d_in too).
+              "d_out": data.get("d_out") if ours.get("transcoder") else None,
+              "skip_connection": ours.get("skip_connection", False)}
     # An integer written as 1e9 is still an integer; a list for metadata is not a mapping.
     return SAEConfig(**check_types(SAEConfig, values))
 

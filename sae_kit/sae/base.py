@@ -105,6 +105,8 @@ class SAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
+        if cfg.d_out is not None and cfg.normalize_activations is None:
+            cfg.normalize_activations = "none"
         if cfg.architecture != self.architecture:
             raise ConfigError(f"{type(self).__name__} needs architecture={self.architecture!r}, got {cfg.architecture!r}")
         self.check_config(cfg)
@@ -116,11 +118,18 @@ class SAE(nn.Module):
         d_in, d_sae = cfg.d_in, cfg.d_sae
 
         # Tied init (Gao et al.): unit-norm random decoder rows, encoder = decoder transposed.
-        W_dec = torch.randn(d_sae, d_in, dtype=torch.float32)
+        # A transcoder's decoder writes the output hook (d_out wide), so its encoder gets its own
+        # unit-norm random columns when the widths differ.
+        W_dec = torch.randn(d_sae, self.d_out, dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(self.dtype_))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=self.dtype_))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, dtype=self.dtype_))
         self.init_encoder()
+        if self.d_out != d_in and self.W_enc.shape != (d_in, d_sae):
+            W_enc = torch.randn(d_in, d_sae, dtype=torch.float32)
+            self.W_enc = nn.Parameter((W_enc / W_enc.norm(dim=0, keepdim=True)).to(self.dtype_))
+        if cfg.skip_connection:  # zero-initialised (Paulo et al.), trained jointly
+            self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in, dtype=self.dtype_))
         b_enc = torch.zeros(d_sae, dtype=self.dtype_)
         if self.trains_encoder_bias:
             self.b_enc = nn.Parameter(b_enc)
@@ -130,6 +139,41 @@ class SAE(nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self._pre_buffer: torch.Tensor | None = None
         self._step_k: int | None = None
+
+    # ------------------------------------------------------------- transcoders
+    @property
+    def is_transcoder(self) -> bool:
+        """A transcoder reads one hook and predicts another (cfg.d_out); an SAE reconstructs its input."""
+        return self.cfg.d_out is not None
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.d_out if self.cfg.d_out is not None else self.cfg.d_in
+
+    def split_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target): a transcoder's batches are [B, d_in + d_out] (store_pair.py); an SAE's target is x."""
+        if not self.is_transcoder:
+            return x, x
+        if x.dim() != 2 or x.shape[1] != self.cfg.d_in + self.d_out:
+            raise ValueError(f"a transcoder trains on paired rows [batch, d_in + d_out = {self.cfg.d_in + self.d_out}] "
+                             f"(input and target hooks side by side), got {tuple(x.shape)}")
+        return x[:, : self.cfg.d_in], x[:, self.cfg.d_in :]
+
+    def encoder_input(self, x_n: torch.Tensor) -> torch.Tensor:
+        """What the encoder multiplies: x_n − b_dec for an SAE; a transcoder's b_dec lives in the
+        output space, so it reads x_n as is (SAELens apply_b_dec_to_input=False, sparsify)."""
+        return x_n if self.is_transcoder else x_n - self.b_dec
+
+    def skip(self, x_n: torch.Tensor) -> torch.Tensor | float:
+        """The skip transcoder's affine path x·W_skipᵀ (0 without one)."""
+        return x_n.to(self.dtype_) @ self.W_skip.T if self.cfg.skip_connection else 0.0
+
+    @torch.no_grad()
+    def loss_scale(self, sample: torch.Tensor) -> float:
+        """E‖t − E[t]‖² of the reconstruction target t (the normalised input, or a transcoder's output)."""
+        x, target = self.split_pair(sample)
+        t = target.to(self.dtype_) if self.is_transcoder else self.normalize(x)[0]
+        return float((t - t.mean(0)).pow(2).sum(1).mean())
 
     # ----------------------------------------------------------------- weights
     def init_encoder(self) -> None:
@@ -176,7 +220,7 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------ forward path
     def pre_activations(self, x_n: torch.Tensor) -> torch.Tensor:
-        return (x_n - self.b_dec) @ self.encoder_weight() + self.b_enc
+        return self.encoder_input(x_n) @ self.encoder_weight() + self.b_enc
 
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
         """The architecture's sparsifying rule over pre-activations [B, d_sae].
@@ -223,9 +267,10 @@ class SAE(nn.Module):
         return norm.undo(x_hat_n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of x (an SAE) or the prediction of the output hook (a transcoder)."""
         x_n, norm = self.normalize(x)
         codes = self.select(self.pre_activations(x_n), x_n)
-        return norm.undo(self.decode_normalized(codes))
+        return norm.undo(self.decode_normalized(codes) + self.skip(x_n))
 
     # ------------------------------------------------------------------ losses
     def training_forward(self, x: torch.Tensor, input_variance: float | torch.Tensor | None = None) -> TrainingOutput:
@@ -235,9 +280,11 @@ class SAE(nn.Module):
         ``input_variance = E||x - E[x]||²`` measured once from the data (Gao et al.'s fixed scale);
         without one the batch's own variance is used.
         """
+        x, target = self.split_pair(x)
         x_n, _ = self.normalize(x)
+        target_n = target.to(self.dtype_) if self.is_transcoder else x_n
         if self.sparse_training:
-            x_c = x_n - self.b_dec
+            x_c = self.encoder_input(x_n)
             W_enc = self.encoder_weight()
             pre = dense_pre_activations(x_c, W_enc, self.b_enc, out=self.pre_activation_buffer(x.shape[0]))
 
@@ -254,11 +301,12 @@ class SAE(nn.Module):
             def gather_pre(indices: torch.Tensor) -> torch.Tensor:
                 return pre.gather(1, indices)
 
-        x_hat_n = self.decode_normalized(codes)
+        x_hat_n = self.decode_normalized(codes) + self.skip(x_n)
         if input_variance is None:
-            input_variance = (x_n - x_n.mean(0)).pow(2).sum(1).mean().detach()
-        recon = (x_hat_n - x_n).pow(2).sum(1).mean() / input_variance
-        out = TrainingOutput(recon, {"reconstruction": recon}, codes, x_n, x_hat_n, pre, gather_pre)
+            input_variance = (target_n - target_n.mean(0)).pow(2).sum(1).mean().detach()
+        recon = (x_hat_n - target_n).pow(2).sum(1).mean() / input_variance
+        # For a transcoder "x_n" is the target: the residual every auxiliary loss models is target − x̂.
+        out = TrainingOutput(recon, {"reconstruction": recon}, codes, target_n, x_hat_n, pre, gather_pre)
         if self.training:
             self.update_fire_stats(codes)
         for name, term in self.auxiliary_losses(out, input_variance).items():
@@ -349,12 +397,23 @@ class SAE(nn.Module):
     # ----------------------------------------------------------- training hooks
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:
-        """b_dec = geometric median of a data sample (Gao et al.), in normalised space."""
-        x_n, _ = self.normalize(sample)
+        """b_dec = geometric median of a data sample (Gao et al.), in normalised space; a transcoder's
+        b_dec is its target's median and b_enc = −mean(x)·W_enc centres the input (sparsify)."""
+        x, target = self.split_pair(sample)
+        x_n, _ = self.normalize(x)
+        if self.is_transcoder:
+            self.b_dec.copy_(geometric_median(target.float()).to(self.dtype_))
+            if self.trains_encoder_bias:
+                self.b_enc.copy_(-(x_n.mean(0) @ self.encoder_weight()).to(self.dtype_))
+            return
         self.b_dec.copy_(geometric_median(x_n.float()).to(self.dtype_))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups; a group's ``lr_scale`` multiplies the scheduled lr (JumpReLU's θ)."""
+        return [{"params": self.trainable_parameters()}]
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -397,7 +456,7 @@ class SAE(nn.Module):
             "architecture": cfg.architecture,
             "k": cfg.k,
             "normalize_activations": cfg.normalize_activations,
-            "apply_b_dec_to_input": True,
+            "apply_b_dec_to_input": not self.is_transcoder,
             "dtype": cfg.dtype,
             "device": "cpu",
             "metadata": dict(cfg.metadata),
@@ -407,7 +466,9 @@ class SAE(nn.Module):
                 "aux_coefficient": cfg.aux_coefficient,
                 "k_aux": cfg.k_aux,
                 "options": asdict(self.opts),
+                **({"transcoder": True, "skip_connection": cfg.skip_connection} if self.is_transcoder else {}),
             },
+            **({"d_out": self.d_out} if self.is_transcoder else {}),
         }
 
     def tensors_to_save(self) -> dict[str, torch.Tensor]:

@@ -89,7 +89,7 @@ class Trainer:
                 "or move that SAE away to train again into this folder"
             )
         if checkpoint is None:  # k > d_sae and the like are refused before the run folder exists
-            ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}))
+            ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}, getattr(source, "d_out", None)))
         distributed.barrier(self.dist)  # every rank has looked for a checkpoint before rank 0 writes
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.plugins = PluginSet(cfg.take_plugins())
@@ -110,16 +110,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         # The held-out fraction travels with the SAE so `sae-kit eval` scores the same held-out rows.
         metadata = {**source_metadata(self.source), "heldout_fraction": cfg.heldout_fraction}
-        self.sae: SAE = create_sae(cfg.sae_config(self.source.d_in, metadata))
+        self.sae: SAE = create_sae(cfg.sae_config(self.source.d_in, metadata, getattr(self.source, "d_out", None)))
         n_init = cfg.init_tokens
         if hasattr(self.source, "split"):  # a finite store: at most its whole training split
             n_init = min(n_init, len(self.source.split(cfg.heldout_fraction).train))
         sample = self.source.sample(n_init, seed=cfg.seed, heldout_fraction=cfg.heldout_fraction)
         sample = sample.to(torch.float32)
         self.sae.init_from_data(sample)
-        with torch.no_grad():
-            x_n, _ = self.sae.normalize(sample)
-            self.input_variance = float((x_n - x_n.mean(0)).pow(2).sum(1).mean())
+        self.input_variance = self.sae.loss_scale(sample)
         self.sae.to(self.dist.device).train()
         self.step = 0
         self.plugins.setup(self)
@@ -143,7 +141,7 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         sae_params = self.sae.trainable_parameters()
-        groups = [{"params": sae_params}, *self.plugins.parameter_groups(exclude=sae_params)]
+        groups = [*self.sae.parameter_groups(), *self.plugins.parameter_groups(exclude=sae_params)]
         # fused: one pass over each parameter and its two moments instead of ~7 elementwise kernels
         # (about 0.1 s of a 0.8 s CPU step at 16384 latents); the same update up to rounding.
         return torch.optim.Adam(groups, lr=self.base_lr, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps,
@@ -313,13 +311,22 @@ def source_from_config(cfg: TrainConfig) -> BatchSource:
     """An activation store (``activations``) or a model hook read on the fly (``model`` + ``hook``)."""
     if cfg.activations and cfg.model:
         raise ConfigError("give either --activations (a cached store) or --model/--hook (no cache), not both")
+    if cfg.targets and not cfg.activations:
+        raise ConfigError("--targets (a transcoder's output store) goes with --activations (its input store)")
+    if cfg.target_hook and not cfg.model:
+        raise ConfigError("--target-hook goes with --model/--hook; with cached stores pass --targets")
     if cfg.model:
         if not cfg.hook:
             raise ConfigError("--model needs --hook (e.g. blocks.6.hook_resid_post)")
         from sae_kit.harvest import ModelSource
         from sae_kit.models import load_model
 
-        return ModelSource(load_model(cfg.model), cfg.hook, dataset=cfg.dataset, context=cfg.context)
+        return ModelSource(load_model(cfg.model), cfg.hook, dataset=cfg.dataset, context=cfg.context,
+                           target_hook=cfg.target_hook)
+    if cfg.targets:
+        from sae_kit.store_pair import PairedStore
+
+        return PairedStore(cfg.activations, cfg.targets)
     if not cfg.activations:
         raise ConfigError("no activations: pass --activations DIR (an activation store) or --model and --hook")
     from sae_kit.store import ActivationStore

@@ -1,0 +1,228 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024), trained with straight-through estimators.
+
+    f_i = h_i · H(h_i − θ_i)        one threshold θ_i > 0 per latent, kept in fp32, stored as ``threshold``
+
+Loss: the normalised MSE (as every sae-kit SAE) plus λ·mean_b Σ_i H(h_i − θ_i) (``sparsity_loss=step``,
+the paper's L0) or λ·mean_b Σ_i tanh(c·f_i/s) (``tanh``, Anthropic's Jan-2025 variant; our decoder rows
+are unit-norm so ‖W_dec,i‖ = 1, and s is the data scale below, so c = 4 means what it means at unit scale).
+The Heaviside step has no gradient; with the rectangle kernel K(u) = 1[|u| < ½] of bandwidth ε the
+pseudo-derivatives are
+
+    ∂f/∂θ = −(θ/ε)·K((h−θ)/ε)      ∂H/∂θ = −(1/ε)·K((h−θ)/ε)      ∂f/∂h = H(h−θ)
+
+(``ste_to_input`` also routes the kernel terms into h, with the opposite sign, as SAELens'
+``jumprelu_ste_to_input``). So θ learns only from the entries within ε/2 of it.
+
+Sparse path: the selection is a mask, h > θ. While training, the entries inside the band
+|h − θ| < ε/2 below the threshold are gathered too (with value 0), because the STE sends them θ's
+gradient; nothing else of the [B, d_sae] matrix enters autograd.
+
+Scale. The paper's θ₀ = ε = 0.001 assume unit-scale inputs, and Adam moves a parameter by about lr per
+step whatever its scale (SAELens #494/#718: a log-θ or a badly scaled θ freezes). So ``init_from_data``
+measures s, the median positive pre-activation of the initial sample, and by default sets
+ε = 0.1·s (``bandwidth``), θ₀ at the quantile giving L0 = ``target_l0`` (else s) and θ's learning
+rate to ``threshold_lr_scale``·s times the weights' (a parameter group of its own).
+
+Target L0 (``target_l0`` = N, CLI ``--target-l0 N``): the λ·L0 term is replaced by a quadratic
+penalty around the target, ``target_coefficient``·(L0_batch − N)²/N, with L0_batch = mean_b Σ_i H(h_i − θ_i)
+through the step STE (dictionary_learning's rule, scaled by N so that its slope per latent, 2c·(L0/N − 1),
+is comparable with the normalised MSE's gain per latent at any N). It acts as a proportional
+controller: θ is pushed up while the batch L0 is above N and down below it, with no windup, and the
+equilibrium sits where the MSE's marginal gain g per latent balances it, at L0 ≈ N·(1 + g/2c). An
+integral controller on λ (noanabeshima's SparsityLossController) was tried first: with θ lagging λ it
+overshot to L0 ≈ 1 and back to 5× the target on planted data, so it is not offered. Inference uses the
+same θ, so the held-out L0 is the training L0.
+
+Dead latents (``pre_act_coefficient`` > 0): λ_p·mean_b Σ_{i dead} ReLU(θ_i − h_i)/s pulls the
+pre-activations of dead latents up to their threshold (Anthropic's pre-activation loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from sae_kit.codes import SparseCodes
+from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.sae.base import SAE, TrainingOutput, register
+
+
+@dataclass
+class JumpReLUOptions:
+    sparsity_loss: Literal["step", "tanh"] = "step"
+    sparsity_coefficient: float = 1e-3  # λ (without a target)
+    target_l0: int = 0  # 0: the λ·L0 (or tanh) penalty; N > 0: the quadratic penalty around L0 = N
+    target_coefficient: float = 1.0
+    sparsity_warmup_steps: int = 0  # λ ramps linearly from 0 (not with a target: the controller owns λ)
+    bandwidth: float = 0.0  # ε; 0: 0.1 × the data scale s
+    init_threshold: float = 0.0  # θ₀; 0: the L0 = target_l0 quantile, else s
+    threshold_lr_scale: float = 10.0  # θ's lr = this × s × the weights' lr
+    tanh_scale: float = 4.0
+    pre_act_coefficient: float = 0.0
+    ste_to_input: bool = False
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """f = h·H(h−θ) with the rectangle-kernel pseudo-derivative for θ (and optionally for h)."""
+
+    @staticmethod
+    def forward(h, theta, bandwidth, to_input):
+        return torch.where(h > theta, h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, theta, bandwidth, to_input = inputs
+        ctx.save_for_backward(h, theta)
+        ctx.bandwidth, ctx.to_input = bandwidth, to_input
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, theta = ctx.saved_tensors
+        kernel = ((h - theta).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        grad_theta = -(theta / ctx.bandwidth) * kernel * grad
+        grad_h = (h > theta).to(grad.dtype) * grad
+        if ctx.to_input:
+            grad_h = grad_h - grad_theta
+        return grad_h, grad_theta, None, None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(h−θ) with the rectangle-kernel pseudo-derivative −K/ε for θ (h gets it only with to_input)."""
+
+    @staticmethod
+    def forward(h, theta, bandwidth, to_input):
+        return (h > theta).to(h.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, theta, bandwidth, to_input = inputs
+        ctx.save_for_backward(h, theta)
+        ctx.bandwidth, ctx.to_input = bandwidth, to_input
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, theta = ctx.saved_tensors
+        grad_theta = -((h - theta).abs() < ctx.bandwidth / 2).to(grad.dtype) * grad / ctx.bandwidth
+        return (-grad_theta if ctx.to_input else None), grad_theta, None, None
+
+
+@register
+class JumpReLUSAE(SAE):
+    architecture = "jumprelu"
+    Options = JumpReLUOptions
+    uses_k = False
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        o = self.opts
+        for name in ("sparsity_coefficient", "target_coefficient", "bandwidth", "init_threshold", "threshold_lr_scale",
+                     "tanh_scale", "pre_act_coefficient", "sparsity_warmup_steps", "target_l0"):
+            if getattr(o, name) < 0:
+                raise ConfigError(f"jumprelu option {name} must be >= 0, got {getattr(o, name)!r}")
+        if o.target_l0 > cfg.d_sae:
+            raise ConfigError(f"jumprelu option target_l0={o.target_l0} exceeds d_sae={cfg.d_sae}; choose 1..{cfg.d_sae}")
+        # fp32 whatever the weights' dtype: bf16 rounds lr-sized updates of θ away (SAELens #728).
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), max(o.init_threshold, 1e-3), dtype=torch.float32))
+        scalar = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731
+        self.register_buffer("bandwidth", scalar(o.bandwidth or 1e-3))
+        self.register_buffer("data_scale", scalar(1.0))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self._real_slots: torch.Tensor | None = None
+
+    @classmethod
+    def sparsity_settings(cls, target_l0: int) -> dict[str, Any]:
+        return {"options": {"target_l0": int(target_l0)}}
+
+    def saelens_export(self, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+        """SAELens' jumprelu is the same rule, relu(u)·1[u > θ] with θ ≥ 0; θ (fp32 here) in the SAE's dtype."""
+        tensors["threshold"] = self.threshold.detach().to(self.dtype_).clone()
+        return "jumprelu", {}
+
+    # ------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def init_from_data(self, sample: torch.Tensor) -> None:
+        super().init_from_data(sample)
+        x_n, _ = self.normalize(self.split_pair(sample)[0])
+        pre = self.pre_activations(x_n).float()
+        positive = pre[pre > 0]
+        scale = positive.median() if positive.numel() else pre.abs().median().clamp_min(1e-6)
+        self.data_scale.fill_(float(scale))
+        o = self.opts
+        self.bandwidth.fill_(o.bandwidth or 0.1 * float(scale))
+        if o.init_threshold:
+            theta = o.init_threshold
+        elif o.target_l0:
+            # The global cut-off that leaves target_l0 entries per row on the sample.
+            flat = pre.flatten()
+            keep = min(o.target_l0 * pre.shape[0], flat.numel())
+            theta = float(flat.kthvalue(flat.numel() - keep + 1).values) if keep else float(flat.max())
+            theta = max(theta, 1e-3 * float(scale))
+        else:
+            theta = float(scale)
+        self.threshold.fill_(theta)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        others = [p for p in self.trainable_parameters() if p is not self.threshold]
+        scale = self.opts.threshold_lr_scale * float(self.data_scale)
+        return [{"params": others}, {"params": [self.threshold], "lr_scale": scale}]
+
+    # ----------------------------------------------------------------- forward
+    def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
+        theta = self.threshold.detach().to(pre.dtype)
+        if not self.training:
+            return SparseCodes.from_mask(pre, pre > theta)
+        # Above θ or within ε/2 below it (the STE's band): one comparison pass over u.
+        with torch.no_grad():
+            rows, cols = (pre > theta - float(self.bandwidth) / 2).nonzero(as_tuple=True)
+        codes = SparseCodes.from_coordinates(pre, rows, cols)
+        counts = torch.bincount(rows, minlength=pre.shape[0])
+        self._real_slots = torch.arange(codes.indices.shape[1], device=pre.device)[None, :] < counts[:, None]
+        values = self._jump(codes.values, codes.indices)
+        return SparseCodes(codes.indices, values, codes.d_sae)
+
+    def _jump(self, gathered: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        theta = self.threshold[indices].to(gathered.dtype)
+        values = JumpReLUFunction.apply(gathered, theta, float(self.bandwidth), self.opts.ste_to_input)
+        return torch.where(self._real_slots, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+    def code_values(self, gathered: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
+        return self._jump(gathered, codes.indices)
+
+    # ------------------------------------------------------------------ losses
+    def current_coefficient(self) -> float:
+        o = self.opts
+        warm = min(1.0, (int(self.steps) + 1) / o.sparsity_warmup_steps) if o.sparsity_warmup_steps else 1.0
+        return o.sparsity_coefficient * warm
+
+    def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
+        if not self.training:
+            return {}
+        o, codes = self.opts, out.codes
+        if o.target_l0 or o.sparsity_loss == "step":
+            h = out.gather_pre(codes.indices) if o.ste_to_input else out.pre_activations.gather(1, codes.indices)
+            theta = self.threshold[codes.indices].to(h.dtype)
+            steps = StepFunction.apply(h, theta, float(self.bandwidth), o.ste_to_input)
+            l0 = torch.where(self._real_slots, steps, 0).sum(1).mean()
+        if o.target_l0:
+            losses = {"sparsity": o.target_coefficient * (l0 - o.target_l0).pow(2) / o.target_l0}
+        elif o.sparsity_loss == "step":
+            losses = {"sparsity": self.current_coefficient() * l0}
+        else:
+            tanh = torch.tanh(o.tanh_scale * codes.values / self.data_scale).sum(1).mean()
+            losses = {"sparsity": self.current_coefficient() * tanh}
+        if o.pre_act_coefficient:
+            dead = self.dead_mask().nonzero().squeeze(1)
+            if dead.numel():
+                h = out.gather_pre(dead.expand(codes.batch_size, -1).contiguous())
+                gap = (self.threshold[dead].to(h.dtype) - h).relu().sum(1).mean() / self.data_scale
+                losses["pre_act"] = o.pre_act_coefficient * gap
+        with torch.no_grad():
+            self.steps += 1
+        return losses
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        self.threshold.clamp_(min=0)  # θ ≥ 0, projected outside the graph (SAELens #718)
