@@ -274,6 +274,11 @@ class RunService:
         for worker in self._workers:
             worker.start()
 
+    @property
+    def max_runs(self) -> int:
+        """How many runs train at once (one worker thread each)."""
+        return len(self._workers)
+
     # ------------------------------------------------------------ requests
     def create(self, config: Any, name: str | None = None) -> dict[str, Any]:
         run_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"

@@ -23,7 +23,7 @@ def health(reg: Registry = Depends(registry)) -> dict[str, Any]:
 def server(request: Request):
     """What this server does: the UI asks before showing the training pages."""
     service = request.app.state.runs
-    return {"trains": service is not None, "max_runs": len(service._workers) if service is not None else 0,
+    return {"trains": service is not None, "max_runs": service.max_runs if service is not None else 0,
             "needs_token": request.app.state.api_token is not None}
 
 

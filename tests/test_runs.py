@@ -40,6 +40,10 @@ def client(root):
     app.state.runs.close()
 
 
+def test_server_info_says_it_trains_and_how_many_runs_at_once(client):
+    assert client.get("/api/server").json() == {"trains": True, "max_runs": 1, "needs_token": False}
+
+
 def wait_for(client, run_id, done, timeout=180.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
