@@ -84,6 +84,7 @@ def jumprelu_target_l0(quick: bool, seed: int) -> dict[str, Any]:
         ours=", ".join(f"target {t}: {reached[t]:.2f}" for t in targets),
         difference=", ".join(f"{errors[t]:+.1%}" for t in targets),
         verdict="reproduced" if all(ok) else "partly" if any(ok) else "not reproduced",
+        measured={f"l0 at target {t}": float(reached[t]) for t in targets},
         figure=figure)
 
 
@@ -124,6 +125,8 @@ def matryoshka_absorption(quick: bool, seed: int) -> dict[str, Any]:
               f" vs {flat['parent_recall']:.2f}; FVU {nested['fvu']:.3f} vs {flat['fvu']:.3f})"),
         difference=f"{ours - base:+.3f} absorption ({ours / max(base, 1e-9):.2f}x)",
         verdict="reproduced" if ours < 0.75 * base else "partly" if ours < base else "not reproduced",
+        measured={f"{name} {key}": float(value) for name, r in result.items() for key, value in r.items()
+                  if key in ("absorption", "parent_recall", "fvu", "l0")},
         figure=figure)
 
 
@@ -178,6 +181,7 @@ def skip_transcoder(quick: bool, seed: int) -> dict[str, Any]:
         ours=f"output FVU {skipped:.3f} with W_skip vs {plain:.3f} without",
         difference=f"{skipped - plain:+.3f} FVU ({skipped / max(plain, 1e-9):.2f}x)",
         verdict="reproduced" if skipped < plain else "not reproduced",
+        measured={f"{name} fvu": float(value) for name, value in fvu.items()},
         figure=figure)
 
 
