@@ -18,6 +18,8 @@ import time
 
 import torch
 
+# The shared bench_env.py beside this script (PYTHONSAFEPATH=1 drops the script folder from sys.path).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_env import load_average  # benchmarks/ is the script's folder
 
 

@@ -28,6 +28,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# The shared bench_env.py beside this script (PYTHONSAFEPATH=1 drops the script folder from sys.path).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_env import machine  # benchmarks/ is the script's folder
 
 PROMPTS = ["The meaning of life is", "Once upon a time, in a kingdom by the sea,", "My favourite food is",

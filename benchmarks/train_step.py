@@ -49,6 +49,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
+# The shared bench_env.py beside this script (PYTHONSAFEPATH=1 drops the script folder from sys.path).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_env import load_average, machine  # noqa: E402  (benchmarks/ is the script's folder)
 
 DEAD_FRACTION = 0.25
