@@ -512,13 +512,18 @@ def args_to_settings(cls: type, args: argparse.Namespace) -> dict[str, Any]:
 
 def from_mapping(cls: type, data: Any, what: str = "setting") -> Any:
     """Build ``cls`` from a mapping (YAML/JSON/API): unknown keys and wrong types are named."""
+    check_known_keys(cls, data, what)
+    return cls(**check_types(cls, data))
+
+
+def check_known_keys(cls: type, data: Any, what: str = "setting", hidden: tuple[str, ...] = ()) -> None:
+    """``data`` is a mapping whose keys are fields of ``cls``; the error lists the valid ones (less ``hidden``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"the {what}s must be a mapping of {cls.__name__} fields, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown {what}(s) {unknown}; valid settings: {sorted(known)}")
-    return cls(**check_types(cls, data))
+        raise ConfigError(f"unknown {what}(s) {unknown}; valid settings: {sorted(known - set(hidden))}")
 
 
 def json_schema(cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -27,11 +27,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-from sae_kit.config import ConfigError, check_text, check_types
+from sae_kit.config import ConfigError, check_known_keys, check_text, check_types
 from sae_kit.config import options_schema as config_options_schema
 from sae_kit.fileio import atomic_write
 from sae_kit.sae_folders import is_model_path, sae_id, synthetic_dataset
@@ -111,12 +110,7 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
     Every path the run can reach (activations, model, dataset, plugin options declared as paths) is
     confined to the data folder here, before the run is queued."""
     root = Path(root).resolve()
-    if not isinstance(data, dict):
-        raise ConfigError(f"the run configuration must be a mapping of TrainConfig settings, got {type(data).__name__}")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown training setting(s) {unknown}; valid settings: {sorted(known - set(SERVER_FIELDS))}")
+    check_known_keys(TrainConfig, data, "training setting", hidden=SERVER_FIELDS)
     chosen = sorted(set(data) & set(SERVER_FIELDS))
     if chosen:
         raise ConfigError(f"{chosen} are chosen by the server (each run writes its own folder); leave them out")
