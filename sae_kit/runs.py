@@ -89,19 +89,43 @@ def confine_setting(root: Path, kind: str, value: str, what: str, keyword: Any =
     return "+".join(resolved)
 
 
-def confine_plugin_paths(specs: Any, root: Path) -> list[dict[str, Any]]:
-    """Every plugin option declared as a path (``option(path=...)``) confined to ``root``, in place of its value."""
+def confine_plugin_paths(specs: Any, root: Path, implied: dict[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Every plugin option declared as a path (``option(path=...)``) confined to ``root``, in place of its value.
+
+    ``implied`` maps a path kind to (what the run reads when such an option is left at its keyword "",
+    where that comes from): e.g. a plugin's empty ``model`` runs the store's ``model_name``. That path is
+    confined too and, when it is a path, handed to the plugin in place of the keyword, so the child
+    reads exactly the path checked here."""
     from sae_kit.plugins.api import get_plugin, path_options
     from sae_kit.train.plugin_set import normalize_specs
 
     specs = normalize_specs(specs)
     for spec in specs:
         declared = path_options(get_plugin(spec["name"]))
-        for name, value in spec.items():
-            if name in declared and isinstance(value, str):
-                kind, keyword = declared[name]
-                spec[name] = confine_setting(root, kind, value, f"plugin {spec['name']} option {name}", keyword)
+        for name, (kind, keyword) in declared.items():
+            value = spec.get(name, keyword)
+            if not isinstance(value, str):
+                continue
+            what = f"plugin {spec['name']} option {name}"
+            if value == "" and kind in (implied or {}):
+                default, source = implied[kind]
+                resolved = confine_setting(root, kind, default, f"{source} (the default of {what})")
+                if kind != "model" or is_model_path(default, root):
+                    spec[name] = resolved
+            elif name in spec:
+                spec[name] = confine_setting(root, kind, value, what, keyword)
     return specs
+
+
+def _store_model_name(activations: str) -> str | None:
+    """The model_name recorded in an activation store's manifest (None when it cannot be read: opening
+    the store for the run reports why)."""
+    from sae_kit.store import ActivationStore
+
+    try:
+        return ActivationStore(activations).model_name
+    except (OSError, ValueError):
+        return None
 
 
 def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
@@ -118,11 +142,19 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
     settings = check_types(TrainConfig, dict(data))
     if isinstance(settings.get("activations"), list):
         raise ConfigError("one activation store per run: give activations as one path")
-    for key, kind, keyword in (("activations", "store", None), ("model", "model", None), ("dataset", "dataset", "default")):
+    for key, kind, keyword in (("activations", "store", None), ("targets", "store", None), ("model", "model", None),
+                               ("dataset", "dataset", "default")):
         value = settings.get(key)
         if isinstance(value, str) and value:
             settings[key] = confine_setting(root, kind, value, key, keyword)
-    settings["plugins"] = confine_plugin_paths(settings.get("plugins"), root)
+    # A plugin's empty model option runs the run's model (confined above), else the store's model_name
+    # (plugins/_text_model.py): a store copied from elsewhere may name "~/models/x" or an outside folder.
+    implied = {}
+    if not settings.get("model") and isinstance(settings.get("activations"), str) and settings["activations"]:
+        model_name = _store_model_name(settings["activations"])
+        if model_name:
+            implied["model"] = (model_name, "the store's model_name")
+    settings["plugins"] = confine_plugin_paths(settings.get("plugins"), root, implied)
     cfg = TrainConfig.from_dict({**settings, "out": str(out), "progress": False})
     if cfg.model and not cfg.activations:
         if not cfg.hook:

@@ -9,6 +9,7 @@ about a minute on a free machine.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -134,6 +135,9 @@ def run_count(client) -> int:
     {"dataset": "~", "model": "smollm2", "hook": "blocks.0.hook_resid_post", "activations": None},
     {"activations": "~"},
     {"activations": "stores/link-out"},
+    {"targets": "{outside}/store"},
+    {"targets": "~"},
+    {"targets": "stores/link-out"},
 ])
 def test_defect_01_every_path_a_run_reaches_is_confined_before_it_is_queued(runs_client, runs_root, outside, change):
     link = runs_root / "stores" / "link-out"
@@ -148,6 +152,39 @@ def test_defect_01_every_path_a_run_reaches_is_confined_before_it_is_queued(runs
     assert "outside the server's data folder" in response.json()["detail"], response.json()
     assert "top secret" not in response.text
     assert run_count(runs_client) == before  # refused before anything was queued
+
+
+@pytest.mark.parametrize("model_name", ["{outside}", "~", "~/models/tiny", "../{outside_name}"])
+@pytest.mark.parametrize("plugin", ["downstream_kl", "auglocal", "text_aug"])
+def test_defect_01_a_plugin_model_defaulting_to_the_store_model_name_is_confined(runs_client, runs_root, outside,
+                                                                                  model_name, plugin):
+    """A plugin whose ``model`` option is left empty runs the store's model_name: that path is confined too."""
+    name = model_name.replace("{outside}", str(outside)).replace("{outside_name}", os.path.relpath(outside, runs_root))
+    store = runs_root / "stores" / f"named-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    if not store.exists():
+        write_store(store, torch.zeros(256, D_IN), shard_tokens=128, model_name=name, hook_name="blocks.0.hook_resid_post")
+    before = run_count(runs_client)
+    response = runs_client.post("/api/runs", json={"config": {**RUN, "activations": str(store.relative_to(runs_root)),
+                                                              "plugins": [plugin]}})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "outside the server's data folder" in detail and "model_name" in detail and plugin in detail, detail
+    assert run_count(runs_client) == before
+
+
+def test_a_plugin_model_defaulting_to_a_store_model_name_inside_the_root_runs_that_model(runs_client, runs_root):
+    """The store's model_name inside the data folder is accepted, and the child is handed the checked path."""
+    (runs_root / "models" / "tiny").mkdir(parents=True, exist_ok=True)
+    store = runs_root / "stores" / "named-inside"
+    if not store.exists():
+        write_store(store, torch.zeros(256, D_IN), shard_tokens=128, model_name="models/tiny",
+                    hook_name="blocks.0.hook_resid_post")
+    response = runs_client.post("/api/runs", json={"config": {**RUN, "activations": "stores/named-inside",
+                                                              "plugins": ["downstream_kl"]}})
+    assert response.status_code == 201, response.text
+    recorded = json.loads((runs_root / "runs" / response.json()["id"] / "config.json").read_text())
+    assert recorded["plugins"][0]["model"] == str((runs_root / "models" / "tiny").resolve())
+    runs_client.post(f"/api/runs/{response.json()['id']}/cancel")
 
 
 # ---------------------------------------------------------------------------- 2. NUL bytes
@@ -771,7 +808,7 @@ def path_settings() -> list[tuple[str, str | None]]:
     """Every path-like setting of a run: TrainConfig's, and each plugin option declared option(path=...)."""
     from sae_kit.plugins.api import available_plugins, path_options
 
-    settings = [("activations", None), ("model", None), ("dataset", None)]
+    settings = [("activations", None), ("targets", None), ("model", None), ("dataset", None)]
     for name, cls in available_plugins().items():
         settings += [(name, option) for option in path_options(cls)]
     return settings
