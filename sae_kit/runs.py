@@ -262,6 +262,14 @@ _PRCTL = _load_prctl() if sys.platform == "linux" else None
 PR_SET_PDEATHSIG = 1
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a run's child process. ``python -m`` would put its working directory (the
+    data folder) first on sys.path, so Python files there (a ``sae_kit/``, the repo's ``kernels/``
+    shadowing the package transformers imports) would be imported instead of the installed ones:
+    PYTHONSAFEPATH=1 (Python >= 3.11) keeps it off the path."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
+
+
 def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
     # The child gets SIGTERM when the worker thread that started it (and so the server) dies.
     _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -450,7 +458,7 @@ class RunService:
         log.write(f"\n$ {' '.join(command)}\n")
         log.flush()
         process = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                   env=child_env(),
                                    preexec_fn=_die_with_parent if _PRCTL else None)
         log.close()
         self._processes[run_id] = process
@@ -482,7 +490,7 @@ class RunService:
         log_path = sae_dir.parent / ANALYSIS_LOG_FILE
         with open(log_path, "a") as log:
             code = subprocess.call(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   preexec_fn=_die_with_parent if _PRCTL else None)
+                                   env=child_env(), preexec_fn=_die_with_parent if _PRCTL else None)
         if code == 0:
             # Served before it is reported done, so a client that sees "done" finds the SAE.
             problem = self._notify(sae_dir) if self.on_sae_ready is not None else None

@@ -465,6 +465,38 @@ def test_defect_12_cancelling_right_after_creating_is_never_lost(runs_root, tmp_
         service.close()
 
 
+# ---------------------------------------------------------------------------- run children and the data folder
+SHADOW_CLI = """import pathlib, sys
+pathlib.Path("SHADOWED").write_text(" ".join(sys.argv))
+sys.exit(3)
+"""
+
+
+def test_a_run_child_never_imports_python_files_from_the_data_folder(store, tmp_path, monkeypatch):
+    """Children run ``python -m sae_kit.cli`` with the data folder as working directory; without
+    PYTHONSAFEPATH, ``-m`` puts that folder first on sys.path, so a ``sae_kit/`` (or the repo's
+    ``kernels/``, shadowing the package transformers imports) there would run instead of ours."""
+    from sae_kit.runs import RunService
+
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)  # what a server started from a shell sees
+    root = tmp_path / "root"
+    shutil.copytree(store, root / "stores" / "synth")
+    (root / "sae_kit").mkdir()
+    (root / "sae_kit" / "__init__.py").write_text("")
+    (root / "sae_kit" / "cli.py").write_text(SHADOW_CLI)
+    service = RunService(root, max_runs=1)  # the real interpreter: a real (tiny) training run
+    try:
+        run = service.create({**RUN, "tokens": 128 * 10, "eval_every": 10, "checkpoint_every": 10})
+        deadline = time.monotonic() + 120
+        while service.describe(run["id"])["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        final = service.describe(run["id"])
+    finally:
+        service.close()
+    assert not (root / "SHADOWED").exists(), "the run child imported sae_kit from the data folder"
+    assert final["status"] == "finished", final["error"]
+
+
 # ============================================================================ fault classes that hold
 # ---------------------------------------------------------------------------- activation stores
 def _truncate(path: Path) -> None:
