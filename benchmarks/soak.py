@@ -72,14 +72,14 @@ def run_config(steps: int) -> dict:
             "checkpoint_every": max(1, steps // 4), "init_tokens": 1024, "warmup_steps": 2, "threads": 1}
 
 
-def start_server(root: Path, max_runs: int, threads: int) -> tuple[subprocess.Popen, int]:
+def start_server(root: Path, max_runs: int, threads: int, log: Path) -> tuple[subprocess.Popen, int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen([sys.executable, "-m", "sae_kit.cli", "serve", str(root), "--port", str(port),
                                 "--max-runs", str(max_runs), "--threads", str(threads)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # a pipe could fill and stall it
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -87,7 +87,7 @@ def start_server(root: Path, max_runs: int, threads: int) -> tuple[subprocess.Po
                 return process, port
         except OSError:
             if process.poll() is not None:
-                raise SystemExit(f"sae-kit serve exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+                raise SystemExit(f"sae-kit serve exited with {process.returncode}: {log.read_text()[-2000:]}")
             time.sleep(0.25)
     process.terminate()
     raise SystemExit("the server did not come up within 5 minutes")
@@ -369,7 +369,8 @@ def main() -> None:
     started = time.monotonic()
     build_root(root)
     build_s = time.monotonic() - started
-    process, port = start_server(root, args.max_runs, args.threads)
+    server_log = scratch / "server.log"
+    process, port = start_server(root, args.max_runs, args.threads, server_log)
     start_s = time.monotonic() - started - build_s
     recorder = Recorder()
     created: list[str] = []
@@ -411,11 +412,14 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             process.kill()
     load_after = load_average()
+    from sae_kit.train.checkpoint import find_checkpoint
 
     listed = {r["id"] for r in final_runs}
     missing = [run_id for run_id in created if run_id not in listed]
     stuck = [f"{r['id']}: {r['status']}" for r in final_runs if r["status"] not in TERMINAL]
     failed = [f"{r['id']}: {r['error']}" for r in final_runs if r["status"] == "failed"]
+    while_training = sum(r["status"] == "cancelled" and "while training" in (r["error"] or "") for r in final_runs)
+    checkpoints = sum(find_checkpoint(root / "runs" / r["id"]) is not None for r in final_runs)
     folder_problems = check_run_folders(root, final_runs)
     stores, store_problems = check_feature_stores(root)
     status_counts = Counter()
@@ -436,7 +440,8 @@ def main() -> None:
                               "p99": percentile(values, 99), "max": max(values)}
                       for label, values in sorted(recorder.latency.items())},
         "runs_created": len(created), "runs_by_status": dict(Counter(r["status"] for r in final_runs)),
-        "runs_not_terminal": stuck, "runs_missing": missing, "runs_failed": failed,
+        "runs_cancelled_while_training": while_training, "runs_with_checkpoint": checkpoints,
+        "runs_resumed": sum(r["attempts"] > 1 for r in final_runs), "runs_not_terminal": stuck, "runs_missing": missing, "runs_failed": failed,
         "run_folder_problems": folder_problems, "feature_stores": stores, "feature_store_problems": store_problems,
     }
 
@@ -459,17 +464,24 @@ def main() -> None:
     print(f"  runs: {len(created)} created, by status {figures['runs_by_status']}; all terminal: "
           f"{'yes' if not stuck and not missing else 'NO'}; not terminal: {len(stuck)}; missing: {len(missing)}; "
           f"failed: {len(failed)}; half-written run folders: {len(folder_problems)}")
+    print(f"    cancelled while training (child stopped): {while_training}; resumed at least once: "
+          f"{figures['runs_resumed']}; folders with a checkpoint (each loaded): {checkpoints}")
     for note in (stuck + missing + failed + folder_problems)[:20]:
         print(f"    {note}")
     print(f"  feature stores that open and pass integrity_check: {stores - len(store_problems)}/{stores}")
     for note in store_problems:
         print(f"    {note}")
+    bad = (recorder.server_errors or recorder.hostile_accepted or recorder.unexpected or recorder.connection_errors
+           or not alive or stuck or missing or failed or folder_problems or store_problems or not stores)
+    tracebacks = [line for line in server_log.read_text(errors="replace").splitlines() if "Error" in line]
+    if bad or tracebacks:
+        print(f"  server log {server_log}: {len(tracebacks)} error lines; last 30 lines:")
+        for line in server_log.read_text(errors="replace").splitlines()[-30:]:
+            print(f"    | {line}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     if not args.workdir:
         shutil.rmtree(scratch, ignore_errors=True)
-    bad = (recorder.server_errors or recorder.hostile_accepted or recorder.unexpected or recorder.connection_errors
-           or not alive or stuck or missing or failed or folder_problems or store_problems or not stores)
     print(f"  verdict: {'FAIL' if bad else 'ok'}")
     sys.exit(1 if bad else 0)
 

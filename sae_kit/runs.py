@@ -418,7 +418,7 @@ class RunService:
             eval_path = sae_dir / "eval.json"
             sae = {"path": sae_dir.relative_to(self.root).as_posix(),
                    "id": sae_id(self.root, sae_dir),
-                   "eval": json.loads(eval_path.read_text()) if eval_path.is_file() else None,
+                   "eval": _read_json(eval_path),
                    "analysed": (sae_dir / "features.sqlite").is_file()}
         return {"id": row["id"], "name": row["name"], "status": row["status"], "error": row["error"],
                 "config": json.loads(row["config"]), "created": row["created"], "started": row["started"],
@@ -520,6 +520,14 @@ class RunService:
 
 class RunStateError(RuntimeError):
     """The run is in a state that does not allow the request (e.g. cancelling a finished run)."""
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is absent, being written (by an older trainer) or damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _log_tail(path: Path, lines: int = 8) -> str:

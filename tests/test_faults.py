@@ -465,6 +465,38 @@ def test_defect_12_cancelling_right_after_creating_is_never_lost(runs_root, tmp_
         service.close()
 
 
+# ---------------------------------------------------------------------------- found by benchmarks/soak.py
+@pytest.mark.parametrize("eval_text", ["", '{"fvu": 0.1', "\x00\xff"], ids=["empty", "half", "binary"])
+def test_listing_runs_while_a_run_writes_its_eval_json_is_never_a_500(runs_client, runs_root, eval_text):
+    """A finished run writes sae/eval.json after sae/cfg.json: a GET /api/runs in between read a
+    half-written file and answered 500 (the soak caught one in 14,600 requests)."""
+    run = runs_client.post("/api/runs", json={"config": RUN}).json()
+    deadline = time.monotonic() + 30
+    while runs_client.get(f"/api/runs/{run['id']}").json()["status"] != "finished" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (runs_root / "runs" / run["id"] / "sae" / "eval.json").write_bytes(eval_text.encode("latin-1"))
+    for path in ("/api/runs", f"/api/runs/{run['id']}"):
+        response = runs_client.get(path)
+        assert response.status_code == 200, response.text
+        described = response.json()[0] if path == "/api/runs" else response.json()
+        assert described["id"] == run["id"] and described["sae"]["eval"] is None
+
+
+def test_the_trainer_writes_eval_json_atomically(tmp_path, store, monkeypatch):
+    """Whole or absent: the final metrics go through fileio.atomic_write like every other file a reader polls."""
+    import sae_kit.fileio as fileio
+    import sae_kit.train.trainer as trainer_module
+
+    written = []
+    real = fileio.atomic_write
+    monkeypatch.setattr(trainer_module, "atomic_write", lambda path, write: written.append(Path(path).name) or real(path, write),
+                        raising=False)
+    assert cli(["train", "--config", _write(tmp_path / "c.yaml", {**RUN, "activations": str(store), "tokens": 128 * 10}),
+                "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "eval.json" in written
+    assert json.loads((tmp_path / "run" / "sae" / "eval.json").read_text())["fvu"] >= 0
+
+
 # ---------------------------------------------------------------------------- run children and the data folder
 SHADOW_CLI = """import pathlib, sys
 pathlib.Path("SHADOWED").write_text(" ".join(sys.argv))
