@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from urllib.parse import quote
 # The shared bench_env.py beside this script (PYTHONSAFEPATH=1 drops the script folder from sys.path).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_env import load_average, machine  # noqa: E402  (benchmarks/ is the script's folder)
+from local_server import start_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = ("finished", "failed", "cancelled", "interrupted")
@@ -70,27 +70,6 @@ def run_config(steps: int) -> dict:
     return {"activations": "stores/synth", "architecture": "topk", "k": 4, "expansion": 2, "batch_size": 128,
             "tokens": 128 * steps, "log_every": 5, "eval_every": steps, "eval_tokens": 512,
             "checkpoint_every": max(1, steps // 4), "init_tokens": 1024, "warmup_steps": 2, "threads": 1}
-
-
-def start_server(root: Path, max_runs: int, threads: int, log: Path) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen([sys.executable, "-m", "sae_kit.cli", "serve", str(root), "--port", str(port),
-                                "--max-runs", str(max_runs), "--threads", str(threads)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # a pipe could fill and stall it
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if request(port, "GET", "/api/health")[0] == 200:
-                return process, port
-        except OSError:
-            if process.poll() is not None:
-                raise SystemExit(f"sae-kit serve exited with {process.returncode}: {log.read_text()[-2000:]}")
-            time.sleep(0.25)
-    process.terminate()
-    raise SystemExit("the server did not come up within 5 minutes")
 
 
 # ------------------------------------------------------------------ requests
@@ -370,7 +349,8 @@ def main() -> None:
     build_root(root)
     build_s = time.monotonic() - started
     server_log = scratch / "server.log"
-    process, port = start_server(root, args.max_runs, args.threads, server_log)
+    process, port = start_server(root, ["--max-runs", str(args.max_runs), "--threads", str(args.threads)], server_log,
+                                 env={"OMP_NUM_THREADS": str(args.threads)})
     start_s = time.monotonic() - started - build_s
     recorder = Recorder()
     created: list[str] = []
