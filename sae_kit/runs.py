@@ -147,12 +147,14 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
         value = settings.get(key)
         if isinstance(value, str) and value:
             settings[key] = confine_setting(root, kind, value, key, keyword)
-    # A plugin's empty model option runs the run's model (confined above), else the store's model_name
-    # (plugins/_text_model.py): a store copied from elsewhere may name "~/models/x" or an outside folder.
+    # The store's model_name is reached too: the finished run's SAE records it and the browser loads
+    # that model to serve it (server/registry.py), and a plugin's empty model option runs it
+    # (plugins/_text_model.py). A store copied from elsewhere may name "~/models/x" or an outside folder.
     implied = {}
     if not settings.get("model") and isinstance(settings.get("activations"), str) and settings["activations"]:
         model_name = _store_model_name(settings["activations"])
         if model_name:
+            confine_setting(root, "model", model_name, "the store's model_name (the run's SAE records it)")
             implied["model"] = (model_name, "the store's model_name")
     settings["plugins"] = confine_plugin_paths(settings.get("plugins"), root, implied)
     cfg = TrainConfig.from_dict({**settings, "out": str(out), "progress": False})
