@@ -118,7 +118,8 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
     settings = check_types(TrainConfig, dict(data))
     if isinstance(settings.get("activations"), list):
         raise ConfigError("one activation store per run: give activations as one path")
-    for key, kind, keyword in (("activations", "store", None), ("model", "model", None), ("dataset", "dataset", "default")):
+    for key, kind, keyword in (("activations", "store", None), ("targets", "store", None), ("model", "model", None),
+                               ("dataset", "dataset", "default")):
         value = settings.get(key)
         if isinstance(value, str) and value:
             settings[key] = confine_setting(root, kind, value, key, keyword)
@@ -134,7 +135,7 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
             raise ConfigError(str(exc)) from None
         from sae_kit.sae import ARCHITECTURES
 
-        ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}))
+        ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}, getattr(source, "d_out", None)))
     return cfg
 
 
