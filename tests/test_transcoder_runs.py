@@ -122,11 +122,12 @@ def test_a_skip_transcoder_run_from_the_server_trains_and_loads(root, tmp_path) 
 def test_a_transcoder_from_a_yaml_config_with_targets_trains_and_loads(root, tmp_path) -> None:
     out = tmp_path / "yaml-run"
     config = {"activations": str(root / "stores" / "pair" / IN_HOOK), "targets": str(root / "stores" / "pair" / OUT_HOOK),
-              "architecture": "matryoshka", "k": 4, "options": {"widths": "16,32"}, "out": str(out),
+              "architecture": "matryoshka", "k": 4, "options": {"widths": [16, 32]}, "out": str(out),
               "progress": False, **SMALL}
     path = tmp_path / "transcoder.yaml"
     path.write_text(yaml.safe_dump(config))
     assert "targets:" in path.read_text()
     assert cli.main(["train", "--config", str(path)]) == 0
     assert_trained_transcoder(out / "sae", "matryoshka", skip=False)
+    assert load_sae(out / "sae").widths == [16, 32, 4 * D_IN]  # YAML's list of widths, d_sae appended
     assert json.loads((out / "config.json").read_text())["targets"] == config["targets"]
