@@ -168,7 +168,7 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
             raise ConfigError(str(exc)) from None
         from sae_kit.sae import ARCHITECTURES
 
-        ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}))
+        ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}, getattr(source, "d_out", None)))
     return cfg
 
 
