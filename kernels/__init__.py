@@ -8,6 +8,7 @@ sparse. The entry points (one dispatch for all of them):
   gradients to the encoder that touch only the selected latents.
 * ``sparse_decode(indices, values, weight)``: x̂ = Σ_j v_j W[i_j], sparse backward.
 * ``topk_encode(x, W_enc, b_enc, b_dec, k)``: the three above for a plain TopK.
+* ``row_top_k(score, k)``: ``score.topk(k, dim=1)`` through group maxima (TopK's selection, CPU).
 * ``batch_top_entries(score, total)``: BatchTopK's / Mutual Choice's batch-level selection
   without sorting the [B, F] matrix (torch ops, on any device).
 
@@ -31,6 +32,7 @@ from .torch_path import (
     densify,
     gather_pre_activations_torch,
     is_dense,
+    row_top_k,
     sparse_decode_torch,
 )
 
@@ -40,6 +42,7 @@ __all__ = [
     "batch_top_entries",
     "dense_pre_activations",
     "gather_pre_activations",
+    "row_top_k",
     "sparse_decode",
     "topk_encode",
 ]

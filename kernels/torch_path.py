@@ -189,6 +189,35 @@ def gather_pre_activations_torch(x_c, W_enc, b_enc, pre, indices) -> torch.Tenso
     return GatherPreActivations.apply(x_c, W_enc, b_enc, pre, indices.contiguous())
 
 
+# Groups of ROW_TOP_K_GROUP strided columns: row_top_k's first pass keeps each group's maximum.
+ROW_TOP_K_GROUP = 16
+
+
+def row_top_k(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``score.topk(k, dim=1)`` (values, indices; sorted descending) of a [B, F] matrix, faster on CPU.
+
+    torch's CPU topk copies every row into a (value, index) queue and partially sorts it: ~8 % of a
+    TopK training step at 16384 latents on one core. Here the columns fall into F/G strided groups
+    of G = ROW_TOP_K_GROUP ({g, g + F/G, ...}); one vectorised pass takes each group's maximum,
+    and a row's k largest entries lie in its k groups with the largest maxima (an entry outside
+    them is below k group maxima, each a different entry), so the exact top-k is taken among those
+    k·G entries only. The same values as ``topk``; among equal values another index may be chosen.
+    Falls back to ``topk`` where the groups do not pay or do not fit (F not a multiple of G, F <
+    4·k·G, a non-contiguous score, CUDA, whose topk is fast).
+    """
+    batch, n = score.shape
+    group = ROW_TOP_K_GROUP
+    if score.is_cuda or not score.is_contiguous() or n % group or n < 4 * k * group or k < 1:
+        return score.topk(k, dim=1)
+    width = n // group
+    groups = score.view(batch, group, width)  # groups[b, m, g] = score[b, m·width + g]
+    best = groups.amax(1).topk(k, dim=1, sorted=False).indices  # [B, k] group ids
+    candidates = groups.gather(2, best[:, None, :].expand(batch, group, k)).view(batch, group * k)
+    values, position = candidates.topk(k, dim=1)
+    indices = best.gather(1, position % k) + (position // k) * width
+    return values, indices
+
+
 def batch_top_entries(score: torch.Tensor, total: int, positive: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the ``total`` largest entries of a [B, F] score, row-major order.
 

@@ -384,6 +384,37 @@ def test_batch_top_entries_fallbacks(monkeypatch):
     assert empty[0].numel() == 0
 
 
+@pytest.mark.parametrize("B,F,k", [(64, 2048, 32), (33, 1024, 4), (8, 4096, 1), (5, 640, 8)])
+def test_row_top_k_equals_topk(B, F, k):
+    gen = torch.Generator().manual_seed(F + k)
+    # Planted structure: a few rows whose top entries all sit in one strided group, and large k's
+    # worth of entries in the same group, so a wrong group choice would show.
+    score = torch.randn(B, F, generator=gen)
+    width = F // torch_path.ROW_TOP_K_GROUP
+    score[0, 7::width] += 10.0  # every entry of group 7 is among row 0's largest
+    score[1, :k] += 20.0
+    values, indices = kernels.row_top_k(score, k)
+    expected_values, expected_indices = score.topk(k, dim=1)
+    assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
+    assert torch.equal(score.gather(1, indices), values)
+
+
+def test_row_top_k_ties_and_fallbacks():
+    gen = torch.Generator().manual_seed(0)
+    # Ties: values quantised to a few levels. The values must equal topk's; the indices must be
+    # distinct and point at those values (which of equal entries is taken may differ).
+    score = torch.randint(0, 5, (16, 2048), generator=gen).float()
+    values, indices = kernels.row_top_k(score, 32)
+    assert torch.equal(values, score.topk(32, dim=1).values)
+    assert torch.equal(score.gather(1, indices), values)
+    assert all(row.unique().numel() == 32 for row in indices)
+    # Shapes where groups do not pay or fit: plain topk (F not a multiple of the group, small F,
+    # a feature-major view).
+    for odd in (torch.randn(4, 2047, generator=gen), torch.randn(4, 64, generator=gen),
+                torch.randn(2048, 4, generator=gen).T):
+        assert all(torch.equal(a, b) for a, b in zip(kernels.row_top_k(odd, 3), odd.topk(3, dim=1)))
+
+
 def test_kernels_run_under_torch_func_grad():
     # Plugins take per-source gradients with torch.func.grad (FLAD); inside it the kernels fall back
     # to the dense reference, so gradients must equal plain autograd through the sparse path.

@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from sae_kit import data_parallel
@@ -164,7 +165,9 @@ class SAE(nn.Module):
     def encoder_input(self, x_n: torch.Tensor) -> torch.Tensor:
         """What the encoder multiplies: x_n − b_dec for an SAE; a transcoder's b_dec lives in the
         output space, so it reads x_n as is (SAELens apply_b_dec_to_input=False, sparsify)."""
-        return x_n if self.is_transcoder else x_n - self.b_dec
+        # x_n + (−b_dec) is x_n − b_dec bit for bit, but its backward sums the [B, d] gradient into
+        # b_dec's [d] and negates that, where subtraction's negates the whole [B, d] gradient first.
+        return x_n if self.is_transcoder else x_n + self.b_dec.neg()
 
     def skip(self, x_n: torch.Tensor) -> torch.Tensor | float:
         """The skip transcoder's affine path x·W_skipᵀ (0 without one)."""
@@ -303,10 +306,12 @@ class SAE(nn.Module):
             def gather_pre(indices: torch.Tensor) -> torch.Tensor:
                 return pre.gather(1, indices)
 
-        x_hat_n = self.decode_normalized(codes) + self.skip(x_n)
+        x_hat_n = self.decode_normalized(codes)
+        if self.cfg.skip_connection:  # (adding skip()'s 0.0 would be one more [B, d] pass)
+            x_hat_n = x_hat_n + self.skip(x_n)
         if input_variance is None:
             input_variance = (target_n - target_n.mean(0)).pow(2).sum(1).mean().detach()
-        recon = (x_hat_n - target_n).pow(2).sum(1).mean() / input_variance
+        recon = mean_squared_error(x_hat_n, target_n) / input_variance
         # For a transcoder "x_n" is the target: the residual every auxiliary loss models is target − x̂.
         out = TrainingOutput(recon, {"reconstruction": recon}, codes, target_n, x_hat_n, pre, gather_pre)
         if self.training:
@@ -562,8 +567,15 @@ def auxiliary_reconstruction_loss(
     target = residual.detach()
     estimate = sparse_decode(indices, values, W_dec)
     baseline = data_parallel.batch_variance(target)
-    loss = (estimate - target).pow(2).sum(1).mean() / baseline
+    loss = mean_squared_error(estimate, target) / baseline
     return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+
+
+def mean_squared_error(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean_b ||estimate[b] − target[b]||²``. mse_loss makes one [B, d] pass forward (plus its sum)
+    and one backward; ``(e − t).pow(2).sum(1).mean()`` makes three each (sub, pow, sum; pow's
+    backward copies, doubles, multiplies). The same value up to summation order."""
+    return F.mse_loss(estimate, target, reduction="sum") / estimate.shape[0]
 
 
 def update_ema(current: torch.Tensor, weight: torch.Tensor, observed: torch.Tensor, beta: float) -> None:

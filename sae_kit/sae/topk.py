@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from sae_kit.codes import SparseCodes
+from sae_kit.kernels import row_top_k
 from sae_kit.sae.base import SAE, TrainingOutput, register
 
 
@@ -20,7 +21,7 @@ class TopKSAE(SAE):
         return "topk", {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
 
     def select(self, pre: torch.Tensor, x_n: torch.Tensor) -> SparseCodes:
-        values, indices = pre.topk(self.k, dim=1)
+        values, indices = row_top_k(pre, self.k)
         return SparseCodes(indices, values.relu(), self.cfg.d_sae)
 
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
