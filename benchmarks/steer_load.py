@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import urllib.error
@@ -31,6 +29,7 @@ from pathlib import Path
 # The shared bench_env.py beside this script (PYTHONSAFEPATH=1 drops the script folder from sys.path).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_env import machine  # benchmarks/ is the script's folder
+from local_server import start_server  # noqa: E402
 
 PROMPTS = ["The meaning of life is", "Once upon a time, in a kingdom by the sea,", "My favourite food is",
            "The weather today", "To be, or not to be:"]
@@ -55,27 +54,6 @@ def percentile(values: list[float], q: float) -> float:
     position = (len(ordered) - 1) * q / 100
     low, high = int(position), min(int(position) + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def start_server(root: str, threads: int | None) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "sae_kit.cli", "serve", root, "--port", str(port)]
-    if threads:
-        command += ["--threads", str(threads)]
-    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            call(f"{url}/api/health", timeout=5)
-            return process, url
-        except OSError:
-            if process.poll() is not None:
-                raise SystemExit(f"sae-kit serve {root} exited with {process.returncode}")
-            time.sleep(0.25)
-    process.terminate()
-    raise SystemExit("the server did not come up within 5 minutes")
 
 
 def same_answer(together: dict, alone: dict) -> bool:
@@ -118,7 +96,8 @@ def main() -> None:
         tiny_root = Path(tempfile.mkdtemp(prefix="steer-load-"))
         args.root = str(build_served_root(tiny_root, analysis_tokens=256))
     if args.root:
-        process, url = start_server(args.root, args.threads)
+        process, port = start_server(args.root, ["--threads", str(args.threads)] if args.threads else [])
+        url = f"http://127.0.0.1:{port}"
     else:
         url = args.url.rstrip("/")
     try:

@@ -97,7 +97,10 @@ def cmd_eval(args) -> int:
                                split=args.split, heldout_fraction=heldout_fraction)
         print_metrics(metrics)
         target = Path(args.json) if args.json else Path(args.sae) / "eval.json"
-        target.write_text(json.dumps(metrics, indent=2))
+        from sae_kit.fileio import atomic_write
+
+        text = json.dumps(metrics, indent=2)
+        atomic_write(target, lambda path: path.write_text(text))  # a server may be reading it
         print(f"written to {target}")
     if args.model:
         from sae_kit.eval.in_model import evaluate_in_model, write_in_model_eval

@@ -89,19 +89,43 @@ def confine_setting(root: Path, kind: str, value: str, what: str, keyword: Any =
     return "+".join(resolved)
 
 
-def confine_plugin_paths(specs: Any, root: Path) -> list[dict[str, Any]]:
-    """Every plugin option declared as a path (``option(path=...)``) confined to ``root``, in place of its value."""
+def confine_plugin_paths(specs: Any, root: Path, implied: dict[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Every plugin option declared as a path (``option(path=...)``) confined to ``root``, in place of its value.
+
+    ``implied`` maps a path kind to (what the run reads when such an option is left at its keyword "",
+    where that comes from): e.g. a plugin's empty ``model`` runs the store's ``model_name``. That path is
+    confined too and, when it is a path, handed to the plugin in place of the keyword, so the child
+    reads exactly the path checked here."""
     from sae_kit.plugins.api import get_plugin, path_options
     from sae_kit.train.plugin_set import normalize_specs
 
     specs = normalize_specs(specs)
     for spec in specs:
         declared = path_options(get_plugin(spec["name"]))
-        for name, value in spec.items():
-            if name in declared and isinstance(value, str):
-                kind, keyword = declared[name]
-                spec[name] = confine_setting(root, kind, value, f"plugin {spec['name']} option {name}", keyword)
+        for name, (kind, keyword) in declared.items():
+            value = spec.get(name, keyword)
+            if not isinstance(value, str):
+                continue
+            what = f"plugin {spec['name']} option {name}"
+            if value == "" and kind in (implied or {}):
+                default, source = implied[kind]
+                resolved = confine_setting(root, kind, default, f"{source} (the default of {what})")
+                if kind != "model" or is_model_path(default, root):
+                    spec[name] = resolved
+            elif name in spec:
+                spec[name] = confine_setting(root, kind, value, what, keyword)
     return specs
+
+
+def _store_model_name(activations: str) -> str | None:
+    """The model_name recorded in an activation store's manifest (None when it cannot be read: opening
+    the store for the run reports why)."""
+    from sae_kit.store import ActivationStore
+
+    try:
+        return ActivationStore(activations).model_name
+    except (OSError, ValueError):
+        return None
 
 
 def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
@@ -118,11 +142,21 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
     settings = check_types(TrainConfig, dict(data))
     if isinstance(settings.get("activations"), list):
         raise ConfigError("one activation store per run: give activations as one path")
-    for key, kind, keyword in (("activations", "store", None), ("model", "model", None), ("dataset", "dataset", "default")):
+    for key, kind, keyword in (("activations", "store", None), ("targets", "store", None), ("model", "model", None),
+                               ("dataset", "dataset", "default")):
         value = settings.get(key)
         if isinstance(value, str) and value:
             settings[key] = confine_setting(root, kind, value, key, keyword)
-    settings["plugins"] = confine_plugin_paths(settings.get("plugins"), root)
+    # The store's model_name is reached too: the finished run's SAE records it and the browser loads
+    # that model to serve it (server/registry.py), and a plugin's empty model option runs it
+    # (plugins/_text_model.py). A store copied from elsewhere may name "~/models/x" or an outside folder.
+    implied = {}
+    if not settings.get("model") and isinstance(settings.get("activations"), str) and settings["activations"]:
+        model_name = _store_model_name(settings["activations"])
+        if model_name:
+            confine_setting(root, "model", model_name, "the store's model_name (the run's SAE records it)")
+            implied["model"] = (model_name, "the store's model_name")
+    settings["plugins"] = confine_plugin_paths(settings.get("plugins"), root, implied)
     cfg = TrainConfig.from_dict({**settings, "out": str(out), "progress": False})
     if cfg.model and not cfg.activations:
         if not cfg.hook:
@@ -134,7 +168,7 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
             raise ConfigError(str(exc)) from None
         from sae_kit.sae import ARCHITECTURES
 
-        ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}))
+        ARCHITECTURES[cfg.architecture].check_config(cfg.sae_config(source.d_in, {}, getattr(source, "d_out", None)))
     return cfg
 
 
@@ -228,6 +262,14 @@ def _load_prctl():
 # Looked up once here: between fork and exec (a threaded server) the child should only make the call.
 _PRCTL = _load_prctl() if sys.platform == "linux" else None
 PR_SET_PDEATHSIG = 1
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a run's child process. ``python -m`` would put its working directory (the
+    data folder) first on sys.path, so Python files there (a ``sae_kit/``, the repo's ``kernels/``
+    shadowing the package transformers imports) would be imported instead of the installed ones:
+    PYTHONSAFEPATH=1 (Python >= 3.11) keeps it off the path."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
 
 
 def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
@@ -378,7 +420,7 @@ class RunService:
             eval_path = sae_dir / "eval.json"
             sae = {"path": sae_dir.relative_to(self.root).as_posix(),
                    "id": sae_id(self.root, sae_dir),
-                   "eval": json.loads(eval_path.read_text()) if eval_path.is_file() else None,
+                   "eval": _read_json(eval_path),
                    "analysed": (sae_dir / "features.sqlite").is_file()}
         return {"id": row["id"], "name": row["name"], "status": row["status"], "error": row["error"],
                 "config": json.loads(row["config"]), "created": row["created"], "started": row["started"],
@@ -418,7 +460,7 @@ class RunService:
         log.write(f"\n$ {' '.join(command)}\n")
         log.flush()
         process = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                   env=child_env(),
                                    preexec_fn=_die_with_parent if _PRCTL else None)
         log.close()
         self._processes[run_id] = process
@@ -450,7 +492,7 @@ class RunService:
         log_path = sae_dir.parent / ANALYSIS_LOG_FILE
         with open(log_path, "a") as log:
             code = subprocess.call(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   preexec_fn=_die_with_parent if _PRCTL else None)
+                                   env=child_env(), preexec_fn=_die_with_parent if _PRCTL else None)
         if code == 0:
             # Served before it is reported done, so a client that sees "done" finds the SAE.
             problem = self._notify(sae_dir) if self.on_sae_ready is not None else None
@@ -480,6 +522,14 @@ class RunService:
 
 class RunStateError(RuntimeError):
     """The run is in a state that does not allow the request (e.g. cancelling a finished run)."""
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is absent, being written (by an older trainer) or damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _log_tail(path: Path, lines: int = 8) -> str:

@@ -24,6 +24,7 @@ from sae_kit.sae.base import (
     geometric_median,
 )
 from sae_kit.sae.topafa import LAST_PREFIX_NORM, afa_select
+from sae_kit.sae.zipf import fitted_zipf
 
 ALL_ARCHITECTURES = ["topk", "batchtopk", "abstopk", "feature_choice", "mutual_choice", "topafa", "gba", "relu"]
 # Architectures whose inference rule is a learned threshold (SAELens' JumpReLU "threshold" key).
@@ -374,7 +375,8 @@ def test_mutual_choice_keeps_exactly_k_times_b() -> None:
 
 
 def test_aux_zipf_weights_dead_one_overused_zero_underused_fractional() -> None:
-    sae = make_sae("mutual_choice", d_sae=8, options={"zipf_alpha": 1.0, "zipf_beta": 0.0, "alive_priority": 1.0})
+    sae = make_sae("mutual_choice", d_sae=8, options={"zipf_alpha": 1.0, "zipf_beta": 0.0, "alive_priority": 1.0,
+                                                      "target": "normalised"})
     density = torch.tensor([0.5, 0.3, 0.0, 0.05, 0.2, 0.0, 0.01, 0.1])
     sae.feature_density.copy_(density)
     dead = torch.zeros(8, dtype=torch.bool)
@@ -395,12 +397,43 @@ def test_aux_zipf_weights_dead_one_overused_zero_underused_fractional() -> None:
     assert weights[2] == 1.0 and weights[5] == 1.0  # never fired
     assert 0 < weights[7] < 1 or 0 < weights[6] < 1  # a partly under-used latent
     # By default (alive_priority 0.1) dead latents outrank alive ones: only alive weights shrink.
-    prioritised = make_sae("mutual_choice", d_sae=8, options={"zipf_alpha": 1.0, "zipf_beta": 0.0})
+    prioritised = make_sae("mutual_choice", d_sae=8, options={"zipf_alpha": 1.0, "zipf_beta": 0.0,
+                                                              "target": "normalised"})
     prioritised.feature_density.copy_(density)
     mark_dead(prioritised, dead)
     scaled = expected * 0.1
     scaled[1] = 1.0
     torch.testing.assert_close(prioritised.underutilisation_weights().double(), scaled, rtol=1e-5, atol=1e-6)
+
+
+def test_fitted_zipf_target_follows_the_head_and_flags_the_tail() -> None:
+    ranks = torch.arange(64, dtype=torch.float64)
+    zipf = 0.3 / (ranks + 1)
+    torch.testing.assert_close(fitted_zipf(zipf), zipf)  # an exact Zipf law is its own fit
+    uniform = torch.full((64,), 0.09, dtype=torch.float64)
+    uniform[-8:] = 0.001  # a dying tail
+    sae = make_sae("mutual_choice", d_sae=64)
+    sae.feature_density.copy_(uniform)
+    weights = sae.underutilisation_weights().double()
+    # Flat densities fit a flat law: the head is at its target, only the tail is under-used
+    # (the normalised 1/r profile would instead call the densest latents under-used).
+    assert (weights[:56] == 0).all() and (weights[56:] > 0).all()
+    normalised = make_sae("mutual_choice", d_sae=64, options={"target": "normalised"})
+    normalised.feature_density.copy_(uniform)
+    assert (normalised.underutilisation_weights()[:4] > 0).all()
+
+
+def test_aux_zipf_gives_dead_latents_the_first_slots() -> None:
+    pre = torch.tensor([[5.0, 4.0, 0.2, 0.1, 3.0]])
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    priority = torch.tensor([False, False, True, True, False])
+    chosen = []
+    auxiliary_reconstruction_loss(pre, lambda i: chosen.append(i) or pre.gather(1, i), torch.ones(1, 3),
+                                  torch.eye(5, 3), weights, k_aux=2, priority=priority)
+    assert sorted(chosen[0][0].tolist()) == [2, 3]  # the dead pair, though alive ones have larger u
+    auxiliary_reconstruction_loss(pre, lambda i: chosen.append(i) or pre.gather(1, i), torch.ones(1, 3),
+                                  torch.eye(5, 3), weights, k_aux=3, priority=priority)
+    assert sorted(chosen[1][0].tolist()) == [0, 2, 3]  # then the best alive candidate
 
 
 def test_aux_zipf_equals_auxk_when_weights_are_the_dead_mask(monkeypatch) -> None:
@@ -642,6 +675,46 @@ def test_afa_select_matches_brute_force_nearest_prefix() -> None:
         contrib = ((acts[b] * norms) ** 2).sort(descending=True).values
         prefixes = contrib.cumsum(0).sqrt()[:-1]
         assert abs(kept_norm[b] - target[b]) <= (prefixes - target[b]).abs().min() + 1e-4
+
+
+def test_afa_select_bounded_keeps_the_shortest_prefix_the_bound_allows() -> None:
+    g = torch.Generator().manual_seed(5)
+    acts = torch.randn(40, 12, generator=g).relu() * torch.rand(40, 12, generator=g) * 3
+    norms = torch.ones(12)
+    target = (acts**2).sum(1).sqrt() * (0.3 + torch.rand(40, generator=g))
+    epsilon = 0.2
+    _, _, k = afa_select(acts, norms, target, epsilon=epsilon)
+    _, _, nearest = afa_select(acts, norms, target)
+    for b in range(40):
+        prefixes = (acts[b] ** 2).sort(descending=True).values.cumsum(0).sqrt().tolist()
+        prefixes[-1] = LAST_PREFIX_NORM
+        bound = [float(target[b]) / math.sqrt(1 + epsilon * j) for j in range(12)]
+        expected = next(j + 1 for j in range(12) if prefixes[j] >= bound[j])
+        assert int(k[b]) == expected
+    # at most one latent past the paper's rule (which may stop just short of the target), often fewer
+    assert (k <= nearest + 1).all() and (k < nearest).any()
+    _, _, exact = afa_select(acts, norms, target, epsilon=0.0)
+    first_crossing = [next(j + 1 for j in range(12) if ((acts[b] ** 2).sort(descending=True).values.cumsum(0).sqrt()
+                                                         .tolist()[:11] + [LAST_PREFIX_NORM])[j] >= float(target[b]))
+                      for b in range(40)]
+    assert exact.tolist() == first_crossing  # ε = 0: the notebook's "first crossing" rule
+
+
+def test_topafa_bounded_afa_loss_is_zero_inside_the_band() -> None:
+    sae = make_sae("topafa", d_in=16, d_sae=64, options={"rule": "bounded"})
+    assert sae.epsilon == pytest.approx(0.25)
+    with pytest.raises(ConfigError, match="rule"):
+        make_sae("topafa", d_in=16, d_sae=64, options={"rule": "closest"})
+    sae.train()
+    out = sae.training_forward(randn(32, 16))
+    norm, target = out.codes.values.norm(dim=1), sae.selection_target(out.x_n)
+    spread = sae.epsilon * (out.codes.active.sum(1) - 1).double()
+    inside = (norm.double() >= target.double() / (1 + spread).sqrt() - 1e-6)
+    assert inside.all()  # the bounded rule's own selection lies at or above the band's floor
+    losses = sae.auxiliary_losses(out, torch.tensor(16.0))
+    high = target.double() / (1 - spread).clamp_min(1e-6).sqrt()
+    outside = ((norm.double() - high).relu()).pow(2).mean() * sae.opts.afa_coefficient / (16.0 / 16)
+    torch.testing.assert_close(losses["afa"].double(), outside, rtol=1e-4, atol=1e-8)
 
 
 def test_topafa_select_targets_centred_input_norm_and_is_batch_independent() -> None:

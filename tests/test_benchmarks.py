@@ -51,3 +51,18 @@ def test_steer_load_benchmark_runs_concurrent_requests_against_a_tiny_server():
                       "--max-new-tokens", "3", "--threads", "1"], env={"HF_HUB_OFFLINE": "1"})
     assert "succeeded: 6/6" in out and "gave the same texts: 1/1" in out and "throughput vs serial" in out and "p95 latency vs one request alone" in out
     assert "load average before" in out and "machine:" in out
+
+
+def test_soak_runs_a_mixed_load_and_finds_nothing_lost(tmp_path):
+    out = run_script(["benchmarks/soak.py", "--minutes", "0.05", "--clients", "2", "--run-every", "1", "--run-steps", "5",
+                      "--json", str(tmp_path / "soak.json")], env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert "5xx: 0 " in out and "all terminal: yes" in out and "verdict: ok" in out, out[-3000:]
+    import json
+
+    figures = json.loads((tmp_path / "soak.json").read_text())
+    assert figures["server_errors_5xx"] == 0 and figures["hostile_accepted"] == 0 and figures["runs_created"] >= 1
+    assert not figures["runs_not_terminal"] and not figures["run_folder_problems"] and figures["feature_stores"] >= 1
+    # every kind of request was sent, hostile ones included
+    for label in ("POST steer", "POST encode", "POST search", "GET explanations/search", "POST runs (create)"):
+        assert figures["latency_s"][label]["n"] >= 1, label
+    assert any(label.startswith("hostile") for label in figures["latency_s"])

@@ -58,6 +58,37 @@ def test_local_backend_on_a_tiny_model(root):
         assert role in result.summary
 
 
+def test_prefix_cached_judge_matches_one_prompt_at_a_time(root):
+    """The batched, prefix-cached P(yes) equals a plain forward pass of each whole prompt alone."""
+    import numpy as np
+    import torch
+
+    from sae_kit.explain.backends import LocalBackend, prefix_groups
+    from sae_kit.explain.explainers import TokenRuleExplainer
+    from sae_kit.explain.scorers import build_samples, judge_prompt
+
+    backend = LocalBackend(str(root / "model"), batch_size=5)
+    with torch.no_grad():  # a sharper random model, so P(yes) varies between prompts
+        backend.model.base_model.norm.weight.mul_(40)
+    examples = load_examples(root / "saes" / "main" / "features.sqlite", [0, 1, 2])
+    prompts = []
+    for fx in examples.values():
+        explanation = TokenRuleExplainer().explain_one(fx)
+        prompts += [judge_prompt(explanation.text, s) for s in build_samples(fx, positives=4, negatives=4)]
+    got = backend.yes_probability(prompts)
+    reference = []
+    with torch.inference_mode():
+        for ids in backend._encode(prompts):
+            probs = backend.model(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+            yes, no = probs[backend._yes_ids].sum(), probs[backend._no_ids].sum()
+            reference.append(float(yes / (yes + no)))
+    assert np.std(reference) > 1e-3  # the comparison can tell prompts apart
+    np.testing.assert_allclose(got, reference, atol=1e-5, rtol=0)
+    groups = prefix_groups(backend._encode(prompts))
+    assert len(groups) <= 2 * len(examples)  # prompts of one explanation share one cached prefix
+    assert sorted(i for _, members in groups for i in members) == list(range(len(prompts)))
+
+
 class _Fake(BaseHTTPRequestHandler):
     mode = "ok"
     calls = 0

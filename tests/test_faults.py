@@ -9,6 +9,7 @@ about a minute on a free machine.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -134,6 +135,9 @@ def run_count(client) -> int:
     {"dataset": "~", "model": "smollm2", "hook": "blocks.0.hook_resid_post", "activations": None},
     {"activations": "~"},
     {"activations": "stores/link-out"},
+    {"targets": "{outside}/store"},
+    {"targets": "~"},
+    {"targets": "stores/link-out"},
 ])
 def test_defect_01_every_path_a_run_reaches_is_confined_before_it_is_queued(runs_client, runs_root, outside, change):
     link = runs_root / "stores" / "link-out"
@@ -148,6 +152,40 @@ def test_defect_01_every_path_a_run_reaches_is_confined_before_it_is_queued(runs
     assert "outside the server's data folder" in response.json()["detail"], response.json()
     assert "top secret" not in response.text
     assert run_count(runs_client) == before  # refused before anything was queued
+
+
+@pytest.mark.parametrize("model_name", ["{outside}", "~", "~/models/tiny", "../{outside_name}"])
+@pytest.mark.parametrize("plugin", ["downstream_kl", "auglocal", "text_aug", None])
+def test_defect_01_a_plugin_model_defaulting_to_the_store_model_name_is_confined(runs_client, runs_root, outside,
+                                                                                  model_name, plugin):
+    """A plugin whose ``model`` option is left empty runs the store's model_name, and without plugins the
+    finished run's SAE records it (the browser then loads that model): that path is confined too."""
+    name = model_name.replace("{outside}", str(outside)).replace("{outside_name}", os.path.relpath(outside, runs_root))
+    store = runs_root / "stores" / f"named-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    if not store.exists():
+        write_store(store, torch.zeros(256, D_IN), shard_tokens=128, model_name=name, hook_name="blocks.0.hook_resid_post")
+    before = run_count(runs_client)
+    response = runs_client.post("/api/runs", json={"config": {**RUN, "activations": str(store.relative_to(runs_root)),
+                                                              "plugins": [plugin] if plugin else []}})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "outside the server's data folder" in detail and "model_name" in detail, detail
+    assert run_count(runs_client) == before
+
+
+def test_a_plugin_model_defaulting_to_a_store_model_name_inside_the_root_runs_that_model(runs_client, runs_root):
+    """The store's model_name inside the data folder is accepted, and the child is handed the checked path."""
+    (runs_root / "models" / "tiny").mkdir(parents=True, exist_ok=True)
+    store = runs_root / "stores" / "named-inside"
+    if not store.exists():
+        write_store(store, torch.zeros(256, D_IN), shard_tokens=128, model_name="models/tiny",
+                    hook_name="blocks.0.hook_resid_post")
+    response = runs_client.post("/api/runs", json={"config": {**RUN, "activations": "stores/named-inside",
+                                                              "plugins": ["downstream_kl"]}})
+    assert response.status_code == 201, response.text
+    recorded = json.loads((runs_root / "runs" / response.json()["id"] / "config.json").read_text())
+    assert recorded["plugins"][0]["model"] == str((runs_root / "models" / "tiny").resolve())
+    runs_client.post(f"/api/runs/{response.json()['id']}/cancel")
 
 
 # ---------------------------------------------------------------------------- 2. NUL bytes
@@ -426,6 +464,70 @@ def test_defect_12_cancelling_right_after_creating_is_never_lost(runs_root, tmp_
         assert not (runs_root / "runs" / run["id"] / "sae").exists()  # the child did not train to the end
     finally:
         service.close()
+
+
+# ---------------------------------------------------------------------------- found by benchmarks/soak.py
+@pytest.mark.parametrize("eval_text", ["", '{"fvu": 0.1', "\x00\xff"], ids=["empty", "half", "binary"])
+def test_listing_runs_while_a_run_writes_its_eval_json_is_never_a_500(runs_client, runs_root, eval_text):
+    """A finished run writes sae/eval.json after sae/cfg.json: a GET /api/runs in between read a
+    half-written file and answered 500 (the soak caught one in 14,600 requests)."""
+    run = runs_client.post("/api/runs", json={"config": RUN}).json()
+    deadline = time.monotonic() + 30
+    while runs_client.get(f"/api/runs/{run['id']}").json()["status"] != "finished" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (runs_root / "runs" / run["id"] / "sae" / "eval.json").write_bytes(eval_text.encode("latin-1"))
+    for path in ("/api/runs", f"/api/runs/{run['id']}"):
+        response = runs_client.get(path)
+        assert response.status_code == 200, response.text
+        described = response.json()[0] if path == "/api/runs" else response.json()
+        assert described["id"] == run["id"] and described["sae"]["eval"] is None
+
+
+def test_the_trainer_writes_eval_json_atomically(tmp_path, store, monkeypatch):
+    """Whole or absent: the final metrics go through fileio.atomic_write like every other file a reader polls."""
+    import sae_kit.fileio as fileio
+    import sae_kit.train.trainer as trainer_module
+
+    written = []
+    real = fileio.atomic_write
+    monkeypatch.setattr(trainer_module, "atomic_write", lambda path, write: written.append(Path(path).name) or real(path, write),
+                        raising=False)
+    assert cli(["train", "--config", _write(tmp_path / "c.yaml", {**RUN, "activations": str(store), "tokens": 128 * 10}),
+                "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "eval.json" in written
+    assert json.loads((tmp_path / "run" / "sae" / "eval.json").read_text())["fvu"] >= 0
+
+
+# ---------------------------------------------------------------------------- run children and the data folder
+SHADOW_CLI = """import pathlib, sys
+pathlib.Path("SHADOWED").write_text(" ".join(sys.argv))
+sys.exit(3)
+"""
+
+
+def test_a_run_child_never_imports_python_files_from_the_data_folder(store, tmp_path, monkeypatch):
+    """Children run ``python -m sae_kit.cli`` with the data folder as working directory; without
+    PYTHONSAFEPATH, ``-m`` puts that folder first on sys.path, so a ``sae_kit/`` (or the repo's
+    ``kernels/``, shadowing the package transformers imports) there would run instead of ours."""
+    from sae_kit.runs import RunService
+
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)  # what a server started from a shell sees
+    root = tmp_path / "root"
+    shutil.copytree(store, root / "stores" / "synth")
+    (root / "sae_kit").mkdir()
+    (root / "sae_kit" / "__init__.py").write_text("")
+    (root / "sae_kit" / "cli.py").write_text(SHADOW_CLI)
+    service = RunService(root, max_runs=1)  # the real interpreter: a real (tiny) training run
+    try:
+        run = service.create({**RUN, "tokens": 128 * 10, "eval_every": 10, "checkpoint_every": 10})
+        deadline = time.monotonic() + 120
+        while service.describe(run["id"])["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        final = service.describe(run["id"])
+    finally:
+        service.close()
+    assert not (root / "SHADOWED").exists(), "the run child imported sae_kit from the data folder"
+    assert final["status"] == "finished", final["error"]
 
 
 # ============================================================================ fault classes that hold
@@ -771,7 +873,7 @@ def path_settings() -> list[tuple[str, str | None]]:
     """Every path-like setting of a run: TrainConfig's, and each plugin option declared option(path=...)."""
     from sae_kit.plugins.api import available_plugins, path_options
 
-    settings = [("activations", None), ("model", None), ("dataset", None)]
+    settings = [("activations", None), ("targets", None), ("model", None), ("dataset", None)]
     for name, cls in available_plugins().items():
         settings += [(name, option) for option in path_options(cls)]
     return settings

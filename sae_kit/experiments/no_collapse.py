@@ -56,10 +56,12 @@ def target_l0(sae, k: int, true_l0: float | None) -> float:
 
 
 def run_one(arch: str, source: Any, *, label: str, k: int, true_l0: float | None, tokens: int, batch: int,
-            d_sae: int | None, expansion: int, lr: float | None, dead_tokens: int, seed: int) -> dict[str, Any]:
+            d_sae: int | None, expansion: int, lr: float | None, dead_tokens: int, seed: int,
+            options: dict[str, Any] | None = None, variant: str = "") -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sae-kit-nocollapse-") as out:
-        cfg = TrainConfig(out=out, architecture=arch, k=k, d_sae=d_sae, expansion=expansion, lr=lr, batch_size=batch,
+        cfg = TrainConfig(out=out, architecture=arch, k=k, d_sae=d_sae, options=dict(options or {}),
+                          expansion=expansion, lr=lr, batch_size=batch,
                           tokens=tokens, warmup_steps=min(100, tokens // batch // 10), dead_tokens_threshold=dead_tokens,
                           eval_every=10**9, checkpoint_every=10**9, log_every=50, seed=seed, progress=False)
         sae = Trainer(cfg, source).run()
@@ -67,7 +69,8 @@ def run_one(arch: str, source: Any, *, label: str, k: int, true_l0: float | None
     target = target_l0(sae, k, true_l0)
     ratio = held["l0_mean"] / target
     ok = held["dead_fraction"] < 0.1 and 0.5 <= ratio <= 2.0
-    return {"data": label, "arch": arch, "target_l0": round(target, 2), "l0": round(held["l0_mean"], 2),
+    return {"data": label, "arch": arch + (f" ({variant})" if variant else ""), "target_l0": round(target, 2),
+            "l0": round(held["l0_mean"], 2),
             "dead": round(held["dead_fraction"], 3), "fvu": round(held["fvu"], 3), "pass": ok,
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expansion", type=int, default=4, help="real-data dictionary width / d_in")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='architecture options as JSON, e.g. \'{"rule": "bounded"}\' (every --arch gets them)')
+    parser.add_argument("--label", default="", help="appended to each row's arch (which variant was run)")
     parser.add_argument("--out", help="markdown table (and .jsonl rows beside it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -97,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.arch:
             rows.append(run_one(arch, source, label=f"planted:{name}", k=settings.k, true_l0=true_l0,
                                 tokens=steps * settings.batch_size, batch=settings.batch_size, d_sae=settings.d_sae,
-                                expansion=1, lr=LEARNING_RATE, dead_tokens=DEAD_TOKENS, seed=args.seed))
+                                expansion=1, lr=LEARNING_RATE, dead_tokens=DEAD_TOKENS, seed=args.seed,
+                                options=args.options, variant=args.label))
             print(json.dumps(rows[-1]), flush=True)
     real = [(Path(s).name, ActivationStore(s)) for s in args.stores]
     if args.scaled_store:
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.arch:
             rows.append(run_one(arch, source, label=label, k=REAL_K, true_l0=None, tokens=args.tokens, batch=1024,
                                 d_sae=None, expansion=args.expansion, lr=None, dead_tokens=args.tokens // 2,
-                                seed=args.seed))
+                                seed=args.seed, options=args.options, variant=args.label))
             print(json.dumps(rows[-1]), flush=True)
     columns = ["data", "arch", "target_l0", "l0", "dead", "fvu", "pass", "seconds"]
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

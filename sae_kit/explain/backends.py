@@ -141,21 +141,87 @@ class LocalBackend:
         return out
 
     def yes_probability(self, prompts: list[Messages]) -> list[float | None]:
+        """P(yes) / (P(yes) + P(no)) of the next token after each prompt, from one forward pass.
+
+        Judge prompts share long prefixes (system prompt and explanation; only the excerpt differs),
+        so prompts are grouped by shared prefix: each prefix runs once into a KV cache, then its
+        prompts' remaining tokens run in right-padded batches on top of it, and the output layer is
+        applied only at each prompt's last token. The result is the plain full-prompt forward pass's,
+        up to float rounding (tests compare them)."""
         import torch
 
         encoded = self._encode(prompts)
         out: list[float | None] = [None] * len(prompts)
         with torch.inference_mode():
-            for chosen, ids, mask in self._batches(encoded):
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
-                probs = logits.softmax(-1)
-                yes = probs[:, self._yes_ids].sum(-1)
-                no = probs[:, self._no_ids].sum(-1)
-                for row, i in enumerate(chosen):
-                    out[i] = float(yes[row] / (yes[row] + no[row]).clamp(min=1e-12))
-                    self.usage.add(prompt=len(encoded[i]))
+            for prefix, members in prefix_groups(encoded):
+                cache = self._prefix_cache(prefix)
+                members = sorted(members, key=lambda i: len(encoded[i]))
+                for first in range(0, len(members), self.batch_size):
+                    chosen = members[first:first + self.batch_size]
+                    probabilities = self._next_token_yes(cache, len(prefix), [encoded[i][len(prefix):] for i in chosen])
+                    for i, p in zip(chosen, probabilities):
+                        out[i] = p
+                        self.usage.add(prompt=len(encoded[i]))
         return out
+
+    def _prefix_cache(self, prefix: list[int]):
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        if prefix:
+            self.model.base_model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
+        return cache
+
+    def _next_token_yes(self, prefix_cache, prefix_len: int, suffixes: list[list[int]]) -> list[float]:
+        import copy
+
+        import torch
+
+        width = max(len(s) for s in suffixes)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes])
+        mask = torch.tensor([[1] * (prefix_len + len(s)) + [0] * (width - len(s)) for s in suffixes])
+        positions = torch.arange(prefix_len, prefix_len + width).expand(len(suffixes), width)
+        cache = None
+        if prefix_len:
+            cache = copy.deepcopy(prefix_cache)  # the forward pass appends to it
+            cache.batch_repeat_interleave(len(suffixes))
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                       cache=cache, use_cache=cache is not None).last_hidden_state
+        last = hidden[torch.arange(len(suffixes)), torch.tensor([len(s) - 1 for s in suffixes])]
+        probs = self.model.get_output_embeddings()(last).float().softmax(-1)
+        yes = probs[:, self._yes_ids].sum(-1)
+        no = probs[:, self._no_ids].sum(-1)
+        return (yes / (yes + no).clamp(min=1e-12)).tolist()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def prefix_groups(encoded: list[list[int]]) -> list[tuple[list[int], list[int]]]:
+    """(shared prefix, prompt positions) groups covering every prompt, for prefix-cached scoring.
+
+    Prompts are taken in lexicographic order (prompts with the same explanation are then adjacent); a
+    prompt joins the current group unless shortening the group's prefix to what they share would cost
+    the members more recomputed tokens than the shared part saves. Every prompt keeps at least one
+    token outside the prefix (its logits are needed)."""
+    groups: list[tuple[list[int], list[int]]] = []
+    for i in sorted(range(len(encoded)), key=lambda i: encoded[i]):
+        tokens = encoded[i]
+        if groups:
+            prefix, members = groups[-1]
+            shared = min(_common_prefix(prefix, tokens), len(tokens) - 1)
+            if shared > 0 and len(members) * (len(prefix) - shared) < shared:
+                groups[-1] = (prefix[:shared], members + [i])
+                continue
+        groups.append((tokens[:-1], [i]))
+    return groups
 
 
 # --------------------------------------------------------------------------------------------------

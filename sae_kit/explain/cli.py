@@ -30,6 +30,7 @@ HELP = {
     "negatives": "silent windows per scorer (half random, half where a neighbouring feature fires)",
     "max_tokens": "tokens the explainer may generate",
     "chunk": "features explained per batched call",
+    "budget_s": "seconds after which no new chunk starts (a re-run continues; default: no limit)",
     "seed": "seed of the samples and the shuffled control",
 }
 
@@ -63,7 +64,7 @@ def add_parser(sub) -> None:
         elif f.name == "features":
             p.add_argument(flag, type=parse_features, default=None, help=HELP[f.name])
         else:
-            kind = {"timeout": float}.get(f.name, int if f.type in ("int", "int | None") else str)
+            kind = {"timeout": float, "budget_s": float}.get(f.name, int if f.type in ("int", "int | None") else str)
             choices = {"backend": ("local", "openai", "none"), "explainer": ("lm", "token-rule")}.get(f.name)
             p.add_argument(flag, type=kind, default=default, choices=choices,
                            help=f"{HELP[f.name]} (default: {default})")

@@ -48,6 +48,7 @@ class ExplainConfig:
     negatives: int = 8  # silent windows per scorer (half random, half contrast)
     max_tokens: int = 40
     chunk: int = 8  # features explained per batched call
+    budget_s: float | None = None  # start no new chunk after this many seconds (a re-run continues)
     seed: int = 0
     progress: bool = True
 
@@ -64,6 +65,8 @@ class ExplainConfig:
         for name in ("sample", "limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.budget_s is not None and self.budget_s <= 0:
+            raise ConfigError(f"budget_s must be > 0 seconds, got {self.budget_s}")
 
 
 @dataclass
@@ -74,6 +77,7 @@ class ExplainResult:
     wall_s: float = 0.0
     usage: dict[str, int] = field(default_factory=dict)
     explain_parse_failures: int = 0
+    left_for_later: int = 0  # features not started because the time budget was spent
     summary: dict[str, Any] = field(default_factory=dict)
 
     def throughput_line(self) -> str:
@@ -86,6 +90,8 @@ class ExplainResult:
             line += f"; {self.explain_parse_failures} explanations unparseable (token rule used)"
         if self.skipped:
             line += f"; {len(self.skipped)} skipped"
+        if self.left_for_later:
+            line += f"; time budget spent, {self.left_for_later} features left for a re-run"
         return line
 
 
@@ -134,6 +140,9 @@ def run_explain(sae_dir: str | Path, cfg: ExplainConfig, *, store_path: str | Pa
         bar = tqdm(total=len(features), initial=len(features) - len(todo), unit="feat", desc="explain",
                    disable=not cfg.progress)
         for first in range(0, len(todo), cfg.chunk):
+            if cfg.budget_s is not None and time.perf_counter() - started >= cfg.budget_s:
+                result.left_for_later = len(todo) - first
+                break
             chunk = [examples[f] for f in todo[first:first + cfg.chunk]]
             ready = [fx for fx in chunk if len(fx.heldout) >= MIN_HELDOUT]
             for fx in chunk:
@@ -160,6 +169,15 @@ def run_explain(sae_dir: str | Path, cfg: ExplainConfig, *, store_path: str | Pa
     result.explain_parse_failures = getattr(explainer, "parse_failures", 0)
     result.summary = summarize(path, features)
     return result
+
+
+def explained_features(path: str | Path) -> set[int]:
+    """Features of the store at ``path`` that have an explanation (by any explainer)."""
+    store = FeatureStore(path)
+    if not store.has_explanations:
+        return set()
+    with store._connect() as connection:
+        return {f for (f,) in connection.execute("SELECT DISTINCT feature FROM explanations WHERE role = 'explanation'")}
 
 
 def _finished(connection, explainer, judge_name: str) -> set[int]:

@@ -24,7 +24,7 @@ from sae_kit.explain.explainers import Explanation, normalise
 from sae_kit.seeding import derive_seed
 
 SCORERS = ("detection", "fuzzing")
-JUDGE_PROMPT_VERSION = "sae-kit-judge-1"
+JUDGE_PROMPT_VERSION = "sae-kit-judge-2"
 
 
 @dataclass
@@ -89,11 +89,14 @@ def build_samples(fx: FeatureExamples, *, positives: int = 8, negatives: int = 8
     return samples
 
 
-# Short on purpose: a small local judge reads hundreds of these per feature.
+# Short on purpose: a small local judge reads hundreds of these per feature. The question comes
+# before the excerpt, so everything but the excerpt is shared by one explanation's prompts (the
+# local backend runs that shared prefix once; judge-1 asked the same question after the excerpt).
 JUDGE_SYSTEM = "You judge whether a description of a language-model feature fits a text. Answer Yes or No."
-DETECTION_PROMPT = "Description: {explanation}\nText: {text}\nIs the described feature present in this text?"
-FUZZING_PROMPT = ("Description: {explanation}\nText: {text}\nAre the tokens marked with << >> the ones the "
-                  "description is about?")
+DETECTION_PROMPT = ("Description: {explanation}\nQuestion: is the described feature present in the text below?\n"
+                    "Text: {text}")
+FUZZING_PROMPT = ("Description: {explanation}\nQuestion: are the tokens marked with << >> in the text below the "
+                  "ones the description is about?\nText: {text}")
 
 
 def judge_prompt(explanation: str, sample: Sample) -> list[dict[str, str]]:

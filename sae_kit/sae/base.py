@@ -325,19 +325,22 @@ class SAE(nn.Module):
         return {}
 
     def dead_latent_loss(
-        self, out: TrainingOutput, signed: bool = False, weights: torch.Tensor | None = None, name: str = "auxk"
+        self, out: TrainingOutput, signed: bool = False, weights: torch.Tensor | None = None, name: str = "auxk",
+        priority: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """AuxK (Gao et al.): the dead latents' top-k_aux pre-activations model the residual.
 
-        ``weights`` [d_sae] >= 0 generalise the dead mask (aux_zipf_loss); ``signed`` ranks by |u|
-        and keeps signs (AbsTopK).
+        ``weights`` [d_sae] >= 0 generalise the dead mask (aux_zipf_loss); ``priority`` [d_sae] bool
+        marks candidates that take slots before any other (ranked by u among themselves);
+        ``signed`` ranks by |u| and keeps signs (AbsTopK).
         """
         if not self.training:
             return {}
         if weights is None:
             weights = self.dead_mask().to(out.pre_activations.dtype)
         loss = auxiliary_reconstruction_loss(
-            out.pre_activations, out.gather_pre, out.x_n - out.x_hat_n, self.W_dec, weights, self.k_aux, signed
+            out.pre_activations, out.gather_pre, out.x_n - out.x_hat_n, self.W_dec, weights, self.k_aux, signed,
+            priority,
         )
         return {name: self.cfg.aux_coefficient * loss}
 
@@ -535,6 +538,7 @@ def auxiliary_reconstruction_loss(
     weights: torch.Tensor,
     k_aux: int,
     signed: bool = False,
+    priority: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reconstruct the detached residual from the top-``k_aux`` candidate latents (weight > 0).
 
@@ -550,7 +554,12 @@ def auxiliary_reconstruction_loss(
         indices = candidates.expand(pre.shape[0], -1)
     else:
         column_pre = pre.detach()[:, candidates]
-        score = (column_pre.abs() if signed else column_pre) * weights[candidates]
+        magnitude = column_pre.abs() if signed else column_pre
+        score = magnitude * weights[candidates]
+        if priority is not None and bool(priority[candidates].any()):
+            # Priority candidates rank above every other, by their own u: shift them past the rest.
+            shift = (score.max() - magnitude.min()).clamp_min(0) + 1
+            score = torch.where(priority[candidates], magnitude + shift, score)
         indices = candidates[score.topk(k_aux, dim=1).indices]
     values = gather_pre(indices.contiguous())
     if not signed:

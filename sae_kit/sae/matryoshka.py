@@ -39,9 +39,11 @@ class MatryoshkaOptions:
     threshold_beta: float = 0.999
 
 
-def _numbers(text: str, kind, what: str) -> list:
+def _numbers(text: str | list, kind, what: str) -> list:
+    """"128,512" from the CLI, or a list (``widths: [128, 512]`` in a YAML/JSON config)."""
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(" ", "").split(",")
     try:
-        return [kind(item) for item in str(text).replace(" ", "").split(",") if item]
+        return [kind(item) for item in items if item != ""]
     except ValueError:
         raise ConfigError(f"matryoshka option {what} must be comma-separated numbers, got {text!r}") from None
 

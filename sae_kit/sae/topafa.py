@@ -26,6 +26,15 @@ Two findings from comparing this file with the reference step by step (docs/repr
   set (20 of 128 features active in 42 dimensions, where features are no larger than crosstalk).
   On a quasi-orthogonal dictionary it makes k track the true count (correlation 0.95 against
   −0.02 for the paper's rule, `bench reproduce`).
+- ``rule="bounded"`` reads the selection through the paper's own bound instead of its point
+  estimate: for k ε-quasi-orthogonal atoms ||f||² ≥ ||x||²/(1 + ε(k−1)), so every k whose prefix
+  norm reaches target/sqrt(1 + ε(k−1)) is consistent with the input's norm, and the rule keeps the
+  smallest such k (the sparsest consistent code; ε = 1/sqrt(d_in), the coherence of random
+  directions, about the Welch bound of a wide dictionary). L_AFA then penalises only norms outside
+  the bound's band [target/sqrt(1 + ε(k−1)), target/sqrt(1 − ε(k−1))] for the token's k, so it
+  does not pull the code norm back to the point estimate that the nearest rule fills with
+  crosstalk. Unlike ``noise_floor`` it never cuts a token below the count its norm needs, so it
+  does not collapse on GBA's dense set. Measurements: docs/method-fixes.md.
 """
 from __future__ import annotations
 
@@ -44,10 +53,16 @@ LAST_PREFIX_NORM = 1e4
 class TopAFAOptions:
     afa_coefficient: float = 1 / 32
     noise_floor: float = 0.0  # z: ignore activations below z·||x_n − b_dec||/sqrt(d_in); 0 = the paper's rule
+    # "nearest": the paper's rule (prefix norm nearest the target); "bounded": the shortest prefix
+    # whose norm the AFA bound makes consistent with the target (see ``afa_select``).
+    rule: str = "nearest"
+    # ε of the bound; 0 = 1/sqrt(d_in), the typical |cos| of random directions.
+    epsilon: float = 0.0
 
 
 def afa_select(
-    acts: torch.Tensor, decoder_norms: torch.Tensor, target: torch.Tensor, floor: torch.Tensor | None = None
+    acts: torch.Tensor, decoder_norms: torch.Tensor, target: torch.Tensor, floor: torch.Tensor | None = None,
+    epsilon: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token, keep the prefix of activations whose norm is nearest ``target``.
 
@@ -59,7 +74,14 @@ def afa_select(
     sorted_contrib, order = contributions.sort(dim=1, descending=True)
     prefix_norms = sorted_contrib.cumsum(dim=1).sqrt()
     prefix_norms[:, -1] = LAST_PREFIX_NORM
-    k = (prefix_norms - target[:, None]).abs().argmin(dim=1) + 1
+    if epsilon is None:
+        k = (prefix_norms - target[:, None]).abs().argmin(dim=1) + 1
+    else:
+        # Under ε-quasi-orthogonality ||f||² ≥ ||x||² / (1 + ε(k−1)) for k active atoms: the first k
+        # whose prefix reaches that lower bound is the sparsest code consistent with the target.
+        slack = 1 + epsilon * torch.arange(prefix_norms.shape[1], device=acts.device, dtype=prefix_norms.dtype)
+        reached = prefix_norms >= target[:, None] / slack.sqrt()
+        k = reached.to(torch.int8).argmax(dim=1) + 1
     if floor is not None:
         above = (sorted_contrib >= floor[:, None].pow(2)).sum(dim=1).clamp_min(1)
         k = torch.minimum(k, above)
@@ -82,6 +104,17 @@ class TopAFASAE(SAE):
         super().__init__(cfg)
         if not self.opts.noise_floor >= 0:
             raise ConfigError(f"topafa noise_floor must be >= 0 (0 = the paper's rule), got {self.opts.noise_floor}")
+        if self.opts.rule not in ("nearest", "bounded"):
+            raise ConfigError(f"topafa rule must be 'nearest' (the paper's) or 'bounded', got {self.opts.rule!r}")
+        if not self.opts.epsilon >= 0:
+            raise ConfigError(f"topafa epsilon must be >= 0 (0 = 1/sqrt(d_in)), got {self.opts.epsilon}")
+
+    @property
+    def epsilon(self) -> float | None:
+        """ε of the bounded rule (None: the paper's nearest rule)."""
+        if self.opts.rule != "bounded":
+            return None
+        return self.opts.epsilon or 1 / self.cfg.d_in**0.5
 
     @classmethod
     def sparsity_settings(cls, target_l0: int) -> dict:
@@ -95,12 +128,19 @@ class TopAFASAE(SAE):
         target = self.selection_target(x_n)
         norms = self.W_dec.detach().norm(dim=1)
         floor = target * (self.opts.noise_floor / self.cfg.d_in**0.5) if self.opts.noise_floor else None
-        indices, values, _ = afa_select(pre.relu(), norms, target, floor)
+        indices, values, _ = afa_select(pre.relu(), norms, target, floor, self.epsilon)
         return SparseCodes(indices, values, self.cfg.d_sae)
 
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
         per_dimension_variance = input_variance / self.cfg.d_in
-        gap = out.codes.values.norm(dim=1) - self.selection_target(out.x_n)
+        norm, target = out.codes.values.norm(dim=1), self.selection_target(out.x_n)
+        if self.epsilon is None:
+            gap = norm - target
+        else:  # penalise only norms outside the bound's band for the token's k
+            spread = self.epsilon * (out.codes.active.sum(1) - 1).clamp_min(0).to(norm.dtype)
+            low = target / (1 + spread).sqrt()
+            high = target / (1 - spread).clamp_min(1e-6).sqrt()
+            gap = (low - norm).relu() + (norm - high).relu()
         losses = {"afa": self.opts.afa_coefficient * gap.pow(2).mean() / per_dimension_variance}
         losses.update(self.dead_latent_loss(out))
         return losses

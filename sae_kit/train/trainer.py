@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from sae_kit import data_parallel
 from sae_kit.config import ConfigError, TrainConfig
+from sae_kit.fileio import atomic_write
 from sae_kit.plugins.api import Batch, StepContext
 from sae_kit.sae import ARCHITECTURES, SAE, create_sae
 from sae_kit.sae_folders import SYNTHETIC_KEY, synthetic_dataset
@@ -263,7 +264,8 @@ class Trainer:
         self.sae = self.plugins.posthoc(self.sae, self)
         sae_dir = self.sae.save(self.run_dir / "sae")
         metrics = {**self.evaluate(), **self.plugins.evaluate(self.sae, self)}
-        (sae_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+        text = json.dumps(metrics, indent=2)  # whole or absent: the server lists runs while they finish
+        atomic_write(sae_dir / "eval.json", lambda path: path.write_text(text))
         write_report(self.run_dir / METRICS_FILE, self.run_dir / "report.html", title=f"{self.cfg.architecture} training")
         return self.sae
 
