@@ -227,3 +227,42 @@ def test_text_judge_keeps_its_own_decision():
     assert constant["balanced_accuracy"] == 0.5 and constant["balanced_accuracy_calibrated"] == 0.5
     few_negatives = classification_metrics([True] * 6 + [False] * 2, [0.9] * 6 + [0.8] * 2, calibrated=True)
     assert few_negatives["balanced_accuracy_calibrated"] == 1.0 and few_negatives["calibrated"]["threshold"] == 0.9
+
+
+def test_explanations_travel_with_an_exported_sae(root, tmp_path):
+    """`sae-kit export` writes explanations.json (one record per feature: explanation, scores,
+    explainer model, prompt version, date, controls); `sae-kit import` keeps it and the analysis of
+    the imported SAE loads it into the new feature store, record for record."""
+    import shutil
+
+    from sae_kit.analysis import AnalyzeConfig, analyze_sae_folder
+    from sae_kit.interop import FormatError, export_sae, import_sae
+
+    sae = tmp_path / "sae"
+    shutil.copytree(root / "saes" / "main", sae)
+    from sae_kit.explain.run import explained_features
+
+    done = run_explain(sae, ExplainConfig(backend="none", limit=6, redo=True, progress=False)).done
+    exported = export_sae(sae, tmp_path / "exported", "saelens")
+    data = json.loads((exported / "explanations.json").read_text())
+    assert data["format"] == "sae-kit-explanations-2" and done
+    assert [r["feature"] for r in data["records"]] == sorted(explained_features(sae / "features.sqlite"))
+    record = data["records"][0]
+    assert {"explanation", "scores", "explainer", "explainer_model", "prompt_version", "date"} <= set(record)
+    assert record["scores"]["detection"]["balanced_accuracy"] is not None and "shuffled" in record["controls"]
+
+    imported = tmp_path / "imported"
+    _, notes = import_sae(exported, imported, "saelens")
+    assert any("explanations" in note for note in notes)
+    analyze_sae_folder(imported, AnalyzeConfig(tokens=256, context=32, progress=False), model_name=str(root / "model"))
+    again = export_explanations(imported / "features.sqlite")
+    assert again["records"] == data["records"]
+    assert FeatureStore(imported / "features.sqlite").feature(done[0])["explanation"] == \
+        FeatureStore(sae / "features.sqlite").feature(done[0])["explanation"]
+
+    bad = tmp_path / "bad"
+    shutil.copytree(exported, bad)
+    (bad / "explanations.json").write_text(json.dumps({**data, "d_sae": data["d_sae"] + 1}))
+    with pytest.raises(FormatError, match="features"):
+        import_sae(bad, tmp_path / "never", "saelens")
+    assert not (tmp_path / "never").exists()
