@@ -256,3 +256,42 @@ def test_a_transcoder_trains_from_the_model_with_target_hook(tiny, tmp_path, cap
                      str(tmp_path / "x")]) == 2
     assert "with cached stores pass --targets" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_server_browses_searches_and_steers_a_transcoder(tmp_path) -> None:
+    """The browser's API on an analysed transcoder as on an SAE: listed with both hooks, feature pages
+    from its input hook, search encoding at the input hook, steering written at the output hook."""
+    from fastapi.testclient import TestClient
+
+    from sae_kit.analysis import AnalyzeConfig, analyze
+    from sae_kit.models import load_model
+    from sae_kit.server.app import create_app
+    from sae_kit.text_features import encode_text
+
+    root = tmp_path / "served"
+    model = load_model(str(write_tiny_model(root / "model")))
+    sae = transcoder(model)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)
+    sae.save(root / "saes" / "tc")
+    analyze(load_sae(root / "saes" / "tc"), model, AnalyzeConfig(tokens=256, context=16, progress=False),
+            sae_path=root / "saes" / "tc")
+    client = TestClient(create_app(root))
+    listed = {s["id"]: s for s in client.get("/api/saes").json()}["saes.tc"]
+    assert (listed["hook"], listed["hook_out"], listed["d_out"]) == (IN_HOOK, OUT_HOOK, D) and listed["analysed"]
+    page = client.get("/api/saes/saes.tc/features", params={"sort": "max_act", "order": "desc", "limit": 1}).json()
+    top = client.get(f"/api/saes/saes.tc/features/{page['features'][0]['index']}").json()
+    assert top["top_examples"] and top["pos_logits"]
+
+    text = "The cat sat on the mat"
+    direct = encode_text(model, load_sae(root / "saes" / "tc"), IN_HOOK, text)
+    encoded = client.post("/api/encode", json={"sae": "saes.tc", "text": text}).json()
+    assert [len(row) for row in encoded["active"]] == direct.codes.l0().tolist()
+
+    steer = {"prompt": "The cat sat", "features": [{"sae": "saes.tc", "index": top["index"], "strength": 50}],
+             "max_new_tokens": 4, "temperature": 0}
+    steered = client.post("/api/steer", json=steer)
+    assert steered.status_code == 200, steered.text
+    assert steered.json()["default"] != steered.json()["steered"]
+    clamped = client.post("/api/steer", json={**steer, "method": "clamp"})
+    assert clamped.status_code == 422 and "additive" in clamped.json()["detail"], clamped.text
