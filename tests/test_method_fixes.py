@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -194,3 +196,19 @@ def test_sparsity_settings_follow_the_interface() -> None:
     assert ARCHITECTURES["gba"].sparsity_settings(24) == {"options": {"target_l0": 24.0}}
     sae = create_sae(SAEConfig(d_in=8, d_sae=512, architecture="gba", **ARCHITECTURES["gba"].sparsity_settings(24)))
     assert float(sae.group_targets().sum()) == pytest.approx(24.0)
+
+
+def test_gba_groups_experiment_reports_each_group_within_2x_of_its_target(tmp_path, capsys) -> None:
+    """The repo command behind docs/method-fixes.md's GBA table, on a small planted store."""
+    from sae_kit.experiments import gba_groups
+    from sae_kit.store import write_store
+
+    dataset = make_dataset("sharkey", seed=1, d=32, n_features=128, mean_active=6.0)
+    write_store(tmp_path / "store", dataset.sample(60_000, torch.Generator().manual_seed(3))[0], shard_tokens=20_000)
+    gba_groups.main(["--activations", str(tmp_path / "store"), "--tokens", "51200", "--batch-size", "256",
+                     "--expansion", "4", "--options", '{"groups": 4, "high_frequency": 0.2, "low_frequency": 0.02}'])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + 4 + 1  # header, one row per group, the JSON summary
+    summary = json.loads(lines[-1])
+    assert 1.0 <= summary["worst_group_ratio"] <= 2.0, lines
+    assert summary["dead"] < 0.1
