@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_kit.config import ConfigError
-from sae_kit.feature_store import STORE_FILE, FeatureStoreWriter
+from sae_kit.feature_store import EXPLANATIONS_FILE, STORE_FILE, FeatureStoreWriter
 from sae_kit.fileio import atomic_write
 from sae_kit.seeding import derive_seed
 
@@ -116,7 +116,22 @@ def analyze(sae, model, cfg: AnalyzeConfig, out: str | Path | None = None, *, ho
     if sae.is_transcoder:  # examples are read at the input hook; logit effects are of the output directions
         meta["hook_out"] = sae.cfg.metadata.get("hook_name_out")
     atomic_write(out, lambda temp: _write_store(temp, meta, sae, model, cfg, windows, indices, values))
+    if sae_path is not None and (Path(sae_path) / EXPLANATIONS_FILE).is_file():
+        _load_exported_explanations(out, Path(sae_path) / EXPLANATIONS_FILE)
     return out
+
+
+def _load_exported_explanations(store: Path, source: Path) -> None:
+    """Explanations that came with an imported SAE (``sae-kit export`` wrote them) into its new store."""
+    import json
+
+    from sae_kit.feature_store import import_explanations
+
+    try:
+        import_explanations(store, json.loads(source.read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{source}: {exc}; the feature store was written without them (fix the file and "
+                          f"run `sae-kit explain {source.parent} --import {source}`, or delete it)") from None
 
 
 # --------------------------------------------------------------------------------------------------

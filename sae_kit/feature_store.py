@@ -83,7 +83,9 @@ CREATE TABLE IF NOT EXISTS explanations (
 );
 """
 SEARCH_SCHEMA = "CREATE VIRTUAL TABLE IF NOT EXISTS feature_search USING fts5(explanation, top_tokens)"
-EXPORT_FORMAT = "sae-kit-explanations-1"
+EXPORT_FORMAT = "sae-kit-explanations-2"  # one record per feature, controls inside
+READ_FORMATS = ("sae-kit-explanations-1", EXPORT_FORMAT)  # -1: one record per feature and role
+EXPLANATIONS_FILE = "explanations.json"  # beside an exported SAE's weights
 
 
 def fts_query(text: str) -> str | None:
@@ -137,46 +139,67 @@ def write_explanation(connection: sqlite3.Connection, feature: int, role: str, r
         connection.execute("UPDATE feature_search SET explanation = ? WHERE rowid = ?", (record["text"], feature))
 
 
+def _export_fields(row) -> dict[str, Any]:
+    return {"explanation": row["text"], "explainer": row["explainer"], "explainer_model": row["model"],
+            "prompt_version": row["prompt_version"], "score": row["score"],
+            "scores": json.loads(row["scores"]) if row["scores"] else None, "date": row["created"]}
+
+
 def export_explanations(path: str | Path) -> dict[str, Any]:
-    """Every stored explanation as JSON-ready records (one per feature and role)."""
+    """Every stored explanation as JSON-ready data: one record per feature (its explanation, scores,
+    explainer, explainer model, prompt version and date), with its scored controls (token rule,
+    shuffled) under ``controls``."""
     store = FeatureStore(path)
     with store._connect() as connection:
         rows = connection.execute("SELECT * FROM explanations ORDER BY feature, role").fetchall() \
             if store.has_explanations else []
+    records: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        record = records.setdefault(row["feature"], {"feature": row["feature"]})
+        if row["role"] == "explanation":
+            record.update(_export_fields(row))
+        else:
+            record.setdefault("controls", {})[row["role"]] = _export_fields(row)
     return {"format": EXPORT_FORMAT, "d_sae": store.d_sae, "model": store.meta.get("model"),
-            "hook": store.meta.get("hook"),
-            "records": [{"feature": row["feature"], "role": row["role"], "explanation": row["text"],
-                         "explainer": row["explainer"], "explainer_model": row["model"],
-                         "prompt_version": row["prompt_version"], "score": row["score"],
-                         "scores": json.loads(row["scores"]) if row["scores"] else None, "date": row["created"]}
-                        for row in rows]}
+            "hook": store.meta.get("hook"), "records": [r for _, r in sorted(records.items()) if "explanation" in r]}
+
+
+def check_explanations_export(data: Any, d_sae: int | None = None, source: str = "the export") -> dict[str, Any]:
+    """``data`` if it is an explanations export (this format or the older one) for ``d_sae`` features."""
+    if not isinstance(data, dict) or data.get("format") not in READ_FORMATS or not isinstance(data.get("records"), list):
+        raise ValueError(f"{source} is not an explanations export (expected a JSON object with format "
+                         f"{EXPORT_FORMAT!r} and a records list, as `sae-kit explain --export` and "
+                         "`sae-kit export` write)")
+    if d_sae is not None and data.get("d_sae") not in (None, d_sae):
+        raise ValueError(f"{source} is for an SAE with {data['d_sae']} features, this one has {d_sae}")
+    return data
 
 
 def import_explanations(path: str | Path, data: dict[str, Any]) -> int:
-    """Write exported records into a store (replacing the same feature and role); returns how many."""
-    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT or not isinstance(data.get("records"), list):
-        raise ValueError(f"not an explanations export (expected a JSON object with format {EXPORT_FORMAT!r} "
-                         "and a records list, as `sae-kit explain --export` writes)")
+    """Write exported records into a store (replacing the same feature and role, all or none); returns
+    how many features. Reads this format and the older one (one record per feature and role)."""
     store = FeatureStore(path)
-    if data.get("d_sae") not in (None, store.d_sae):
-        raise ValueError(f"the export is for an SAE with {data['d_sae']} features, this store has {store.d_sae}")
+    check_explanations_export(data, store.d_sae)
     connection = open_for_explanations(path)
     try:
         with connection:  # all records or none
             for i, record in enumerate(data["records"]):
                 try:
-                    feature, role = int(record["feature"]), record.get("role", "explanation")
+                    feature = int(record["feature"])
                     if not 0 <= feature < store.d_sae:
                         raise ValueError(f"feature {feature} is out of range 0..{store.d_sae - 1}")
-                    write_explanation(connection, feature, role, {
-                        "explainer": str(record["explainer"]), "model": record.get("explainer_model"),
-                        "prompt_version": str(record["prompt_version"]), "text": str(record["explanation"]),
-                        "scores": record.get("scores"), "created": str(record["date"])})
-                except (KeyError, TypeError, ValueError) as exc:
+                    entries = [(record.get("role", "explanation"), record)]
+                    entries += list((record.get("controls") or {}).items())
+                    for role, entry in entries:
+                        write_explanation(connection, feature, role, {
+                            "explainer": str(entry["explainer"]), "model": entry.get("explainer_model"),
+                            "prompt_version": str(entry["prompt_version"]), "text": str(entry["explanation"]),
+                            "scores": entry.get("scores"), "created": str(entry["date"])})
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
                     raise ValueError(f"record {i} of the export is invalid: {exc}") from None
     finally:
         connection.close()
-    return len(data["records"])
+    return len({int(r["feature"]) for r in data["records"]})
 
 
 class FeatureStoreError(ValueError):

@@ -89,13 +89,13 @@ def confine_setting(root: Path, kind: str, value: str, what: str, keyword: Any =
     return "+".join(resolved)
 
 
-def confine_plugin_paths(specs: Any, root: Path, implied: dict[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+def confine_plugin_paths(specs: Any, root: Path, implied: dict[str, str | None] | None = None) -> list[dict[str, Any]]:
     """Every plugin option declared as a path (``option(path=...)``) confined to ``root``, in place of its value.
 
-    ``implied`` maps a path kind to (what the run reads when such an option is left at its keyword "",
-    where that comes from): e.g. a plugin's empty ``model`` runs the store's ``model_name``. That path is
-    confined too and, when it is a path, handed to the plugin in place of the keyword, so the child
-    reads exactly the path checked here."""
+    ``implied`` maps a path kind to what the run reads when such an option is left at its keyword "",
+    already confined by the caller (e.g. a plugin's empty ``model`` runs the store's ``model_name``):
+    a path is handed to the plugin in place of the keyword, so the child reads exactly the path checked
+    there; None (a hub model name, not a path) leaves the keyword."""
     from sae_kit.plugins.api import get_plugin, path_options
     from sae_kit.train.plugin_set import normalize_specs
 
@@ -108,10 +108,8 @@ def confine_plugin_paths(specs: Any, root: Path, implied: dict[str, tuple[str, s
                 continue
             what = f"plugin {spec['name']} option {name}"
             if value == "" and kind in (implied or {}):
-                default, source = implied[kind]
-                resolved = confine_setting(root, kind, default, f"{source} (the default of {what})")
-                if kind != "model" or is_model_path(default, root):
-                    spec[name] = resolved
+                if implied[kind] is not None:
+                    spec[name] = implied[kind]
             elif name in spec:
                 spec[name] = confine_setting(root, kind, value, what, keyword)
     return specs
@@ -154,8 +152,9 @@ def validate_run_config(data: Any, root: str | Path, out: Path) -> TrainConfig:
     if not settings.get("model") and isinstance(settings.get("activations"), str) and settings["activations"]:
         model_name = _store_model_name(settings["activations"])
         if model_name:
-            confine_setting(root, "model", model_name, "the store's model_name (the run's SAE records it)")
-            implied["model"] = (model_name, "the store's model_name")
+            resolved = confine_setting(root, "model", model_name,
+                                       "the store's model_name (the run's SAE and a plugin's empty model use it)")
+            implied["model"] = resolved if is_model_path(model_name, root) else None
     settings["plugins"] = confine_plugin_paths(settings.get("plugins"), root, implied)
     cfg = TrainConfig.from_dict({**settings, "out": str(out), "progress": False})
     if cfg.model and not cfg.activations:

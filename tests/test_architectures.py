@@ -421,6 +421,10 @@ def test_fitted_zipf_target_follows_the_head_and_flags_the_tail() -> None:
     normalised = make_sae("mutual_choice", d_sae=64, options={"target": "normalised"})
     normalised.feature_density.copy_(uniform)
     assert (normalised.underutilisation_weights()[:4] > 0).all()
+    # A misspelt target used to train silently with the fitted law; the declaration refuses it now.
+    for architecture in ("mutual_choice", "feature_choice"):
+        with pytest.raises(ConfigError, match="target must be one of"):
+            make_sae(architecture, d_sae=64, options={"target": "normalized"})
 
 
 def test_aux_zipf_gives_dead_latents_the_first_slots() -> None:

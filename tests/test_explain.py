@@ -152,3 +152,117 @@ def test_openai_backend_against_a_loopback_fake(root, fake):
     _Fake.mode = "auth"
     with pytest.raises(BackendError, match="refused"):
         OpenAIBackend(fake, "fake-model", retries=0).yes_probability([[{"role": "user", "content": "x"}]])
+
+
+class _BlindProbabilityBackend:
+    """A judge with real probabilities that ignores the label: P(yes) is a hash of the excerpt."""
+
+    gives_probabilities = True
+
+    def __init__(self):
+        from sae_kit.explain.backends import Usage
+
+        self.model_name, self.usage = "fake-blind", Usage()
+
+    def complete(self, prompts, *, max_tokens, answer_prefix=""):
+        return ["[EXPLANATION]: tokens of names."] * len(prompts)
+
+    def yes_probability(self, prompts):
+        import zlib
+
+        return [zlib.crc32(m[-1]["content"].split("\nText: ", 1)[1].encode()) / 2**32 for m in prompts]
+
+
+def test_calibrated_local_decision_is_not_stuck_at_chance(root, tmp_path):
+    """On the real scoring sets of every feature: the fixed 0.5 threshold scores a judge that says
+    "yes" to everything (more surely when it is right) at exactly 0.5; the per-feature threshold (as
+    many yeses as positives) and the AUC see its ranking. A judge blind to the label stays near 0.5
+    on both, so the calibration adds no signal of its own; run_explain stores it as the score."""
+    import shutil
+    import zlib
+
+    import numpy as np
+
+    from sae_kit.explain.scorers import SCORERS, build_samples, score
+
+    store = tmp_path / "features.sqlite"
+    shutil.copy(root / "saes" / "main" / "features.sqlite", store)
+    judges = {"offset": lambda s: 0.8 + 0.1 * s.label,
+              "blind": lambda s: zlib.crc32(s.text().encode()) / 2**32}
+    figures = {name: {} for name in judges}
+    for fx in load_examples(store, list(range(FeatureStore(store).d_sae))).values():
+        if len(fx.heldout) < 2:
+            continue
+        samples = build_samples(fx)
+        for name, judge in judges.items():
+            scores = score(samples, [judge(s) for s in samples], calibrated=True)
+            for scorer in SCORERS:
+                for metric in ("balanced_accuracy", "balanced_accuracy_calibrated", "auc"):
+                    figures[name].setdefault((scorer, metric), []).append(scores[scorer][metric])
+    offset, blind = figures["offset"], figures["blind"]
+    assert len(offset["detection", "auc"]) >= 20
+    for scorer in SCORERS:
+        assert set(offset[scorer, "balanced_accuracy"]) == {0.5}
+        assert min(offset[scorer, "balanced_accuracy_calibrated"]) == 1.0 and min(offset[scorer, "auc"]) == 1.0
+        assert abs(np.mean(blind[scorer, "balanced_accuracy_calibrated"]) - 0.5) < 0.06
+        assert abs(np.mean(blind[scorer, "auc"]) - 0.5) < 0.06
+
+    result = run_explain(root / "saes" / "main", ExplainConfig(backend="local", limit=4, redo=True, progress=False),
+                         store_path=store, backend=_BlindProbabilityBackend())
+    stored = FeatureStore(store).feature(result.done[0])["explanations"]["explanation"]["scores"]
+    assert stored["score_metric"] == "balanced_accuracy_calibrated"
+    assert stored["score"] == np.mean([stored[s]["balanced_accuracy_calibrated"] for s in SCORERS])
+    assert "detection.balanced_accuracy_calibrated" in result.summary["shuffled"]
+
+
+def test_text_judge_keeps_its_own_decision():
+    from sae_kit.explain.scorers import classification_metrics
+
+    labels = [True] * 4 + [False] * 4
+    parsed = [1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, None]
+    m = classification_metrics(labels, parsed)
+    assert "balanced_accuracy_calibrated" not in m and m["parse_failures"] == 1
+    assert m["balanced_accuracy"] == (3 / 4 + 2 / 3) / 2
+    constant = classification_metrics(labels, [0.7] * 8, calibrated=True)
+    assert constant["balanced_accuracy"] == 0.5 and constant["balanced_accuracy_calibrated"] == 0.5
+    few_negatives = classification_metrics([True] * 6 + [False] * 2, [0.9] * 6 + [0.8] * 2, calibrated=True)
+    assert few_negatives["balanced_accuracy_calibrated"] == 1.0 and few_negatives["calibrated"]["threshold"] == 0.9
+
+
+def test_explanations_travel_with_an_exported_sae(root, tmp_path):
+    """`sae-kit export` writes explanations.json (one record per feature: explanation, scores,
+    explainer model, prompt version, date, controls); `sae-kit import` keeps it and the analysis of
+    the imported SAE loads it into the new feature store, record for record."""
+    import shutil
+
+    from sae_kit.analysis import AnalyzeConfig, analyze_sae_folder
+    from sae_kit.interop import FormatError, export_sae, import_sae
+
+    sae = tmp_path / "sae"
+    shutil.copytree(root / "saes" / "main", sae)
+    from sae_kit.explain.run import explained_features
+
+    done = run_explain(sae, ExplainConfig(backend="none", limit=6, redo=True, progress=False)).done
+    exported = export_sae(sae, tmp_path / "exported", "saelens")
+    data = json.loads((exported / "explanations.json").read_text())
+    assert data["format"] == "sae-kit-explanations-2" and done
+    assert [r["feature"] for r in data["records"]] == sorted(explained_features(sae / "features.sqlite"))
+    record = data["records"][0]
+    assert {"explanation", "scores", "explainer", "explainer_model", "prompt_version", "date"} <= set(record)
+    assert record["scores"]["detection"]["balanced_accuracy"] is not None and "shuffled" in record["controls"]
+
+    imported = tmp_path / "imported"
+    _, notes = import_sae(exported, imported, "saelens")
+    assert any("explanations" in note for note in notes)
+    analyze_sae_folder(imported, AnalyzeConfig(tokens=256, context=32, progress=False), model_name=str(root / "model"))
+    again = export_explanations(imported / "features.sqlite")
+    assert again["records"] == data["records"]
+    assert FeatureStore(imported / "features.sqlite").feature(done[0])["explanation"] == \
+        FeatureStore(sae / "features.sqlite").feature(done[0])["explanation"]
+
+    bad = tmp_path / "bad"
+    shutil.copytree(exported, bad)
+    (bad / "explanations.json").write_text(json.dumps({**data, "d_sae": data["d_sae"] + 1}))
+    with pytest.raises(FormatError, match="features"):
+        import_sae(bad, tmp_path / "never", "saelens")
+    assert not (tmp_path / "never").exists()

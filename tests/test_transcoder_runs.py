@@ -131,3 +131,68 @@ def test_a_transcoder_from_a_yaml_config_with_targets_trains_and_loads(root, tmp
     assert_trained_transcoder(out / "sae", "matryoshka", skip=False)
     assert load_sae(out / "sae").widths == [16, 32, 4 * D_IN]  # YAML's list of widths, d_sae appended
     assert json.loads((out / "config.json").read_text())["targets"] == config["targets"]
+
+
+def assert_trained_sae(sae_dir: Path, architecture: str) -> dict:
+    """A plain SAE (no targets) of the input store: reconstructs its own hook."""
+    sae = load_sae(sae_dir)
+    assert not sae.is_transcoder and sae.cfg.architecture == architecture
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (D_IN, 4 * D_IN)
+    assert sae.cfg.metadata["hook_name"] == IN_HOOK
+    return json.loads((sae_dir / "eval.json").read_text())
+
+
+def test_jumprelu_and_matryoshka_saes_train_from_the_cli_the_run_form_and_a_yaml_config(root, tmp_path) -> None:
+    """The issue's 'the three train from the CLI, the server's run form and a config file' for the two new
+    architectures as SAEs (the transcoder tests above cover --targets): each way's own spelling of the
+    architecture's settings (--opt widths=, a form's options, YAML's target_l0) reaches the saved SAE."""
+    from sae_kit.server.app import create_app
+
+    inputs = str(root / "stores" / "pair" / IN_HOOK)
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in SMALL.items()]
+
+    # CLI: Matryoshka with its prefix widths as an --opt string.
+    out = tmp_path / "cli-matryoshka"
+    assert cli.main(["train", "--activations", inputs, "--arch", "matryoshka", "--k", "4", "--opt", "widths=8,16",
+                     "--no-progress", "--out", str(out), *flags]) == 0
+    assert_trained_sae(out / "sae", "matryoshka")
+    assert load_sae(out / "sae").widths == [8, 16, 4 * D_IN]
+
+    # YAML: JumpReLU at a target L0 (the top-level target_l0 setting becomes the controller's option).
+    out = tmp_path / "yaml-jumprelu"
+    path = tmp_path / "jumprelu.yaml"
+    path.write_text(yaml.safe_dump({"activations": inputs, "architecture": "jumprelu", "target_l0": 6,
+                                    "out": str(out), "progress": False, **SMALL}))
+    assert cli.main(["train", "--config", str(path)]) == 0
+    metrics = assert_trained_sae(out / "sae", "jumprelu")
+    sae = load_sae(out / "sae")
+    assert sae.opts.target_l0 == 6
+    assert sae.threshold.dtype == torch.float32 and sae.threshold.std() > 0  # per-latent θ, trained apart
+    assert 0.5 * 6 <= metrics["l0_mean"] <= 1.5 * 6, metrics  # the controller steers even a 120-step run
+
+    # The run form: Matryoshka with group fractions in the options object the form sends.
+    app = create_app(root, max_runs=1)
+    client = TestClient(app)
+    try:
+        config = {"architecture": "matryoshka", "activations": f"stores/pair/{IN_HOOK}", "k": 4,
+                  "options": {"group_fractions": "0.25,0.75"}, **SMALL}
+        created = client.post("/api/runs", json={"config": config, "name": "matryoshka"})
+        assert created.status_code == 201, created.text
+        run_id = created.json()["id"]
+        deadline = time.monotonic() + 240
+        while (run := client.get(f"/api/runs/{run_id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, run
+            time.sleep(0.3)
+        assert run["status"] == "finished", run
+        assert_trained_sae(root / "runs" / run_id / "sae", "matryoshka")
+        assert load_sae(root / "runs" / run_id / "sae").widths == [16, 4 * D_IN]
+        # Bad options from the form are a 422 naming them, before anything is queued (not a failed child).
+        before = len(client.get("/api/runs").json())
+        bad = client.post("/api/runs", json={"config": {**config, "options": {"widths": "32,16"}}})
+        assert bad.status_code == 422 and "widths must strictly increase" in bad.json()["detail"], bad.text
+        bad = client.post("/api/runs", json={"config": {**config, "architecture": "jumprelu", "options": {},
+                                                        "target_l0": 4 * D_IN + 1}})
+        assert bad.status_code == 422 and f"target_l0={4 * D_IN + 1} exceeds d_sae" in bad.json()["detail"], bad.text
+        assert len(client.get("/api/runs").json()) == before
+    finally:
+        app.state.runs.close()

@@ -227,3 +227,71 @@ def test_the_three_planted_claims_return_reproduction_rows() -> None:
     for fn in CLAIMS:
         row = getattr(fn, "__wrapped__", fn)(True, 0)
         assert keys <= set(row) and row["verdict"] in ("reproduced", "not reproduced", "partly"), row["name"]
+
+
+def test_a_transcoder_trains_from_the_model_with_target_hook(tiny, tmp_path, capsys) -> None:
+    """No cache: --model/--hook/--target-hook reads both hooks of the same tokens on the fly."""
+    from sae_kit.harvest import ModelSource
+
+    source = ModelSource(tiny, IN_HOOK, context=16, target_hook=OUT_HOOK)
+    assert (source.d_in, source.d_out) == (D, D)
+    rows = next(source.iter_batches(64, split="train", seed=0))
+    assert rows.shape == (64, 2 * D)
+    # Each row is [input hook | output hook] of one token: the second half is the MLP of the first.
+    mlp = tiny.model.original_model.model.layers[0].mlp
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(rows[:, :D]), rows[:, D:], atol=1e-5, rtol=1e-4)
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", tiny.name, "--hook", IN_HOOK, "--target-hook", OUT_HOOK, "--context", "16",
+                     "--arch", "topk", "--k", "4", "--d-sae", "64", "--batch-size", "64", "--tokens", "3200",
+                     "--warmup-steps", "5", "--eval-tokens", "256", "--init-tokens", "256", "--eval-every", "1000000",
+                     "--checkpoint-every", "1000000", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    sae = load_sae(out / "sae")
+    assert sae.is_transcoder and sae.d_out == D and not sae.cfg.skip_connection
+    assert sae.cfg.metadata["hook_name"] == IN_HOOK and sae.cfg.metadata["hook_name_out"] == OUT_HOOK
+    assert json.loads((out / "config.json").read_text())["target_hook"] == OUT_HOOK
+    # --target-hook needs the model; with cached stores the output is --targets.
+    assert cli.main(["train", "--activations", str(tmp_path), "--target-hook", OUT_HOOK, "--out",
+                     str(tmp_path / "x")]) == 2
+    assert "with cached stores pass --targets" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_server_browses_searches_and_steers_a_transcoder(tmp_path) -> None:
+    """The browser's API on an analysed transcoder as on an SAE: listed with both hooks, feature pages
+    from its input hook, search encoding at the input hook, steering written at the output hook."""
+    from fastapi.testclient import TestClient
+
+    from sae_kit.analysis import AnalyzeConfig, analyze
+    from sae_kit.models import load_model
+    from sae_kit.server.app import create_app
+    from sae_kit.text_features import encode_text
+
+    root = tmp_path / "served"
+    model = load_model(str(write_tiny_model(root / "model")))
+    sae = transcoder(model)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)
+    sae.save(root / "saes" / "tc")
+    analyze(load_sae(root / "saes" / "tc"), model, AnalyzeConfig(tokens=256, context=16, progress=False),
+            sae_path=root / "saes" / "tc")
+    client = TestClient(create_app(root))
+    listed = {s["id"]: s for s in client.get("/api/saes").json()}["saes.tc"]
+    assert (listed["hook"], listed["hook_out"], listed["d_out"]) == (IN_HOOK, OUT_HOOK, D) and listed["analysed"]
+    page = client.get("/api/saes/saes.tc/features", params={"sort": "max_act", "order": "desc", "limit": 1}).json()
+    top = client.get(f"/api/saes/saes.tc/features/{page['features'][0]['index']}").json()
+    assert top["top_examples"] and top["pos_logits"]
+
+    text = "The cat sat on the mat"
+    direct = encode_text(model, load_sae(root / "saes" / "tc"), IN_HOOK, text)
+    encoded = client.post("/api/encode", json={"sae": "saes.tc", "text": text}).json()
+    assert [len(row) for row in encoded["active"]] == direct.codes.l0().tolist()
+
+    steer = {"prompt": "The cat sat", "features": [{"sae": "saes.tc", "index": top["index"], "strength": 50}],
+             "max_new_tokens": 4, "temperature": 0}
+    steered = client.post("/api/steer", json=steer)
+    assert steered.status_code == 200, steered.text
+    assert steered.json()["default"] != steered.json()["steered"]
+    clamped = client.post("/api/steer", json={**steer, "method": "clamp"})
+    assert clamped.status_code == 422 and "additive" in clamped.json()["detail"], clamped.text

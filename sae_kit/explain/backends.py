@@ -64,6 +64,8 @@ class LocalBackend:
     """A causal LM with a chat template, from a local Hugging Face folder (default: the embedded
     SmolLM2-135M-Instruct, converted once into sae-kit's model cache)."""
 
+    gives_probabilities = True  # yes_probability is a real P(yes), not a parsed 0/1
+
     def __init__(self, model: str | Path | None = None, *, batch_size: int = 16, threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -230,6 +232,8 @@ def prefix_groups(encoded: list[list[int]]) -> list[tuple[list[int], list[int]]]
 class OpenAIBackend:
     """Chat completions through the ``openai`` client: its retries (exponential backoff with jitter on
     timeouts, 429 and 5xx), a per-request timeout, and at most ``concurrency`` requests in flight."""
+
+    gives_probabilities = False  # yes_probability parses the text answer: 0, 1 or None
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  retries: int = 3, concurrency: int = 4):

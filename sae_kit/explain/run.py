@@ -236,7 +236,7 @@ def _score_and_write(connection, batch: list[FeatureExamples], explanations: lis
         with connection:  # one transaction per feature; controls of an older explanation go with it
             connection.execute("DELETE FROM explanations WHERE feature = ?", (feature,))
             for role, text, source, samples, probabilities in entries:
-                scores = {**score(samples, probabilities), "judge": judge.name,
+                scores = {**score(samples, probabilities, calibrated=judge.calibrated), "judge": judge.name,
                           "judge_prompt_version": JUDGE_PROMPT_VERSION}
                 if role == "explanation" and not text.parsed:
                     scores["explainer_fallback"] = "token-rule"
@@ -267,7 +267,7 @@ def summarize(path: str | Path, features: list[int] | None = None) -> dict[str, 
             continue
         scores = json.loads(row["scores"])
         for scorer in ("detection", "fuzzing"):
-            for metric in ("balanced_accuracy", "f1", "auc", "parse_failures"):
+            for metric in ("balanced_accuracy", "balanced_accuracy_calibrated", "f1", "auc", "parse_failures"):
                 value = scores.get(scorer, {}).get(metric)
                 if value is not None:
                     values.setdefault(row["role"], {}).setdefault(f"{scorer}.{metric}", []).append(float(value))
@@ -276,12 +276,23 @@ def summarize(path: str | Path, features: list[int] | None = None) -> dict[str, 
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = ["role          detection bal.acc     fuzzing bal.acc       n"]
+    """One row per role: the judge's own balanced accuracy, and where the judge gives probabilities the
+    calibrated (per-feature threshold) balanced accuracy and the AUC of P(yes), for detection and fuzzing."""
+    calibrated = any("detection.balanced_accuracy_calibrated" in m for m in summary.values())
+    columns = [("bal.acc", "balanced_accuracy")]
+    if calibrated:
+        columns += [("bal.acc@calib", "balanced_accuracy_calibrated"), ("AUC", "auc")]
+    header = "role         " + "".join(f" {scorer[:3] + ' ' + name:<19}" for scorer in ("detection", "fuzzing")
+                                         for name, _ in columns) + "  n"
+    lines = [header]
     for role in ("explanation", "token_rule", "shuffled"):
         if role not in summary:
             continue
+        cells = []
+        for scorer in ("detection", "fuzzing"):
+            for _, metric in columns:
+                m = summary[role].get(f"{scorer}.{metric}")
+                cells.append(f" {m['mean']:.3f} ± {m['std']:.3f}" + " " * 6 if m else " -" + " " * 18)
         d = summary[role].get("detection.balanced_accuracy")
-        f = summary[role].get("fuzzing.balanced_accuracy")
-        cell = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}" if m else "-"
-        lines.append(f"{role:<13} {cell(d):<21} {cell(f):<21} {d['n'] if d else 0}")
+        lines.append(f"{role:<13}" + "".join(cells) + f"  {d['n'] if d else 0}")
     return "\n".join(lines)

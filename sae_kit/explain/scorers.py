@@ -10,7 +10,10 @@ A judge answers each sample with P(yes): :class:`LMJudge` asks a language model 
 (one example per prompt: batching several "can leak information" and confuses small judges);
 :class:`RuleJudge` applies a token rule directly (no model). Per feature and scorer: balanced
 accuracy (chance 0.5 whatever the class balance), precision, recall, F1, ROC-AUC of P(yes), and the
-number of answers that could not be parsed (left out of the other figures).
+number of answers that could not be parsed (left out of the other figures). For a judge with real
+probabilities (the local backend) the decision is also calibrated per feature: P(yes) thresholded
+where as many samples are yeses as the scoring set has positives, the median for balanced sets
+(``balanced_accuracy_calibrated``), see :func:`classification_metrics`.
 """
 from __future__ import annotations
 
@@ -109,6 +112,9 @@ class LMJudge:
     def __init__(self, backend: Backend):
         self.backend = backend
         self.name = backend.model_name
+        # Next-token probabilities (local backend) can be thresholded per feature; parsed text answers
+        # (an endpoint) are 0 or 1 and keep the judge's own decision.
+        self.calibrated = bool(getattr(backend, "gives_probabilities", False))
 
     def judge(self, requests: list[tuple[Explanation, list[Sample]]]) -> list[list[float | None]]:
         """P(yes) for every sample of every (explanation, samples) pair, in one batched call."""
@@ -126,6 +132,7 @@ class RuleJudge:
     marked token is one."""
 
     name = "token-rule"
+    calibrated = False  # its answers are 0 or 1
 
     def judge(self, requests: list[tuple[Explanation, list[Sample]]]) -> list[list[float | None]]:
         out = []
@@ -143,12 +150,7 @@ class RuleJudge:
         return out
 
 
-def classification_metrics(labels: list[bool], probabilities: list[float | None]) -> dict:
-    """Balanced accuracy, precision, recall, F1 (P(yes) >= 0.5 is a yes), ROC-AUC, parse failures."""
-    pairs = [(bool(l), float(p)) for l, p in zip(labels, probabilities) if p is not None]
-    y = np.array([l for l, _ in pairs], bool)
-    p = np.array([q for _, q in pairs], float)
-    predicted = p >= 0.5
+def _confusion(y: np.ndarray, predicted: np.ndarray) -> dict:
     tp = int((predicted & y).sum())
     fp = int((predicted & ~y).sum())
     tn = int((~predicted & ~y).sum())
@@ -157,9 +159,51 @@ def classification_metrics(labels: list[bool], probabilities: list[float | None]
     tnr = tn / (tn + fp) if tn + fp else float("nan")
     precision = tp / (tp + fp) if tp + fp else 0.0
     f1 = 2 * precision * tpr / (precision + tpr) if tp and precision + tpr else 0.0
-    return {"n": len(labels), "positives": int(y.sum()), "negatives": int((~y).sum()), "tp": tp, "fp": fp, "tn": tn,
-            "fn": fn, "balanced_accuracy": _nan_none((tpr + tnr) / 2), "precision": precision,
-            "recall": _nan_none(tpr), "f1": f1, "auc": _auc(y, p), "parse_failures": len(labels) - len(pairs)}
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "balanced_accuracy": _nan_none((tpr + tnr) / 2),
+            "precision": precision, "recall": _nan_none(tpr), "f1": f1}
+
+
+def classification_metrics(labels: list[bool], probabilities: list[float | None], *, calibrated: bool = False) -> dict:
+    """Balanced accuracy, precision, recall, F1 of the judge's own decision (P(yes) >= 0.5 is a yes),
+    ROC-AUC of P(yes), and parse failures.
+
+    With ``calibrated`` (a judge that gives real probabilities, the local backend), also the same
+    figures for a per-feature threshold (``calibrated``, ``balanced_accuracy_calibrated``): the yeses
+    are the samples with the highest P(yes), as many as the scoring set has positives (a number
+    fixed by how the set was built, so for the balanced sets the threshold is the median of P(yes)
+    over the feature's scoring set). It never looks at which samples are positive, so a judge whose
+    P(yes) does not depend on the label still scores 0.5 on average, while a judge that is right up
+    to a constant offset (every answer "yes", but surer for the activating excerpts) is no longer
+    stuck at 0.5 as it is at the fixed threshold. Ties at the threshold are broken at random, in
+    expectation (a constant judge scores exactly 0.5)."""
+    pairs = [(bool(l), float(p)) for l, p in zip(labels, probabilities) if p is not None]
+    y = np.array([l for l, _ in pairs], bool)
+    p = np.array([q for _, q in pairs], float)
+    out = {"n": len(labels), "positives": int(y.sum()), "negatives": int((~y).sum()), **_confusion(y, p >= 0.5),
+           "auc": _auc(y, p), "parse_failures": len(labels) - len(pairs)}
+    if calibrated:
+        out["calibrated"] = _at_prior_quantile(y, p)
+        out["balanced_accuracy_calibrated"] = out["calibrated"]["balanced_accuracy"]
+    return out
+
+
+def _at_prior_quantile(y: np.ndarray, p: np.ndarray) -> dict:
+    """Expected confusion figures when the ``y.sum()`` highest P(yes) are the yeses (ties at the
+    threshold share the remaining yes slots evenly: the expectation over random tie-breaking)."""
+    k, n_neg = int(y.sum()), int((~y).sum())
+    if k == 0 or n_neg == 0:
+        return {"threshold": None, "tp": 0.0, "fp": 0.0, "tn": 0.0, "fn": 0.0, "balanced_accuracy": None,
+                "precision": 0.0, "recall": None, "f1": 0.0}
+    threshold = float(np.sort(p)[::-1][k - 1])
+    above, tied = p > threshold, p == threshold
+    share = (k - int(above.sum())) / int(tied.sum())  # chance that a tied sample is a yes
+    tp = float((above & y).sum() + share * (tied & y).sum())
+    fp = float(k - tp)
+    tpr, tnr = tp / k, (n_neg - fp) / n_neg
+    precision = tp / k  # k yeses
+    f1 = 2 * precision * tpr / (precision + tpr) if tp else 0.0
+    return {"threshold": threshold, "tp": tp, "fp": fp, "tn": n_neg - fp, "fn": k - tp,
+            "balanced_accuracy": (tpr + tnr) / 2, "precision": precision, "recall": tpr, "f1": f1}
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
@@ -176,12 +220,17 @@ def _nan_none(value: float) -> float | None:
     return None if value != value else float(value)
 
 
-def score(samples: list[Sample], probabilities: list[float | None]) -> dict:
-    """Per-scorer metrics of one explanation, plus the mean balanced accuracy of the two scorers."""
+def score(samples: list[Sample], probabilities: list[float | None], *, calibrated: bool = False) -> dict:
+    """Per-scorer metrics of one explanation, and ``score``: the mean over the two scorers of the
+    balanced accuracy named in ``score_metric`` (the per-feature threshold for a calibrated judge,
+    whose fixed-threshold decision is kept beside it; the judge's own decision otherwise)."""
     out = {}
     for scorer in SCORERS:
         chosen = [(s, p) for s, p in zip(samples, probabilities) if s.scorer == scorer]
-        out[scorer] = classification_metrics([s.label for s, _ in chosen], [p for _, p in chosen])
-    accuracies = [out[s]["balanced_accuracy"] for s in SCORERS if out[s]["balanced_accuracy"] is not None]
+        out[scorer] = classification_metrics([s.label for s, _ in chosen], [p for _, p in chosen],
+                                             calibrated=calibrated)
+    metric = "balanced_accuracy_calibrated" if calibrated else "balanced_accuracy"
+    accuracies = [out[s][metric] for s in SCORERS if out[s][metric] is not None]
     out["score"] = float(np.mean(accuracies)) if accuracies else None
+    out["score_metric"] = metric
     return out

@@ -1,8 +1,10 @@
 """``sae-kit export`` and ``sae-kit import``: argument parsing and printing over sae_kit.interop."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from sae_kit.feature_store import EXPLANATIONS_FILE
 from sae_kit.interop import EXPORT_FORMATS, IMPORT_FORMATS, export_sae, import_sae
 
 
@@ -10,7 +12,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("export", help="write an SAE in SAELens or sparsify format",
                        description="Write an sae-kit SAE folder in another tool's format. Architectures the format "
                                    "cannot express are refused. A sidecar (sae_kit.json, sae_kit_state.safetensors) "
-                                   "lets `sae-kit import` restore the SAE bit for bit; other tools ignore it.")
+                                   "lets `sae-kit import` restore the SAE bit for bit; other tools ignore it. Explanations in "
+                                   "the folder's features.sqlite go to explanations.json.")
     p.add_argument("--format", required=True, choices=sorted(EXPORT_FORMATS))
     p.add_argument("sae", help="SAE folder (cfg.json + sae_weights.safetensors)")
     p.add_argument("out", help="folder to write")
@@ -24,7 +27,11 @@ def add_parsers(sub) -> None:
 
 def cmd_export(args) -> int:
     out = export_sae(Path(args.sae), Path(args.out), args.format, sidecar=not args.no_sidecar)
-    print(f"exported {args.sae} as {args.format} to {out}")
+    extra = ""
+    if (out / EXPLANATIONS_FILE).is_file():
+        n = len(json.loads((out / EXPLANATIONS_FILE).read_text(encoding="utf-8"))["records"])
+        extra = f" with {n} feature explanations ({EXPLANATIONS_FILE})"
+    print(f"exported {args.sae} as {args.format} to {out}{extra}")
     return 0
 
 

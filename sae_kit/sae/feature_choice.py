@@ -28,7 +28,7 @@ class FeatureChoiceOptions(ZipfOptions):
     capacity: Literal["uniform", "zipf"] = "uniform"
     # Feature Choice keeps the earlier aux_zipf: with the fitted target and dead-first slots its L0
     # on SmolLM2 fell to 0.50-0.67x of k (blocks.6/20, x100 scale; docs/no_collapse.md).
-    target: str = "normalised"
+    target: Literal["fitted", "normalised"] = "normalised"
     dead_first: bool = False
 
 

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 
 from sae_kit.codes import SparseCodes
-from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.config import ConfigError, SAEConfig, parse_options
 from sae_kit.sae.base import SAE, TrainingOutput, register
 
 
@@ -124,9 +124,11 @@ class JumpReLUSAE(SAE):
     Options = JumpReLUOptions
     uses_k = False
 
-    def __init__(self, cfg: SAEConfig):
-        super().__init__(cfg)
-        o = self.opts
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        # Here rather than in __init__: the server checks a run form's config with this before queueing it.
+        super().check_config(cfg)
+        o = parse_options(cls.Options, cfg.options, f"architecture {cls.architecture!r}")
         for name in ("sparsity_coefficient", "target_coefficient", "target_integral_gain", "target_integral_limit",
                      "bandwidth", "init_threshold", "threshold_lr_scale",
                      "tanh_scale", "pre_act_coefficient", "sparsity_warmup_steps", "target_l0"):
@@ -134,6 +136,10 @@ class JumpReLUSAE(SAE):
                 raise ConfigError(f"jumprelu option {name} must be >= 0, got {getattr(o, name)!r}")
         if o.target_l0 > cfg.d_sae:
             raise ConfigError(f"jumprelu option target_l0={o.target_l0} exceeds d_sae={cfg.d_sae}; choose 1..{cfg.d_sae}")
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        o = self.opts
         # fp32 whatever the weights' dtype: bf16 rounds lr-sized updates of θ away (SAELens #728).
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), max(o.init_threshold, 1e-3), dtype=torch.float32))
         scalar = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731

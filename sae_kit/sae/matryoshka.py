@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sae_kit.codes import SparseCodes
-from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.config import ConfigError, SAEConfig, parse_options
 from sae_kit.kernels import sparse_decode
 from sae_kit.sae.base import SAE, TrainingOutput, register
 
@@ -76,6 +76,12 @@ class MatryoshkaSAE(SAE):
     architecture = "matryoshka"
     Options = MatryoshkaOptions
     saelens_export = SAE.saelens_threshold_export  # SAELens saves Matryoshka BatchTopK as jumprelu too
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        # Here rather than only in __init__: the server checks a run form's config with this before queueing it.
+        super().check_config(cfg)
+        prefix_widths(parse_options(cls.Options, cfg.options, f"architecture {cls.architecture!r}"), cfg.d_sae)
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

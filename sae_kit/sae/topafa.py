@@ -39,6 +39,7 @@ Two findings from comparing this file with the reference step by step (docs/repr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -55,7 +56,7 @@ class TopAFAOptions:
     noise_floor: float = 0.0  # z: ignore activations below z·||x_n − b_dec||/sqrt(d_in); 0 = the paper's rule
     # "nearest": the paper's rule (prefix norm nearest the target); "bounded": the shortest prefix
     # whose norm the AFA bound makes consistent with the target (see ``afa_select``).
-    rule: str = "nearest"
+    rule: Literal["nearest", "bounded"] = "nearest"
     # ε of the bound; 0 = 1/sqrt(d_in), the typical |cos| of random directions.
     epsilon: float = 0.0
 
@@ -104,8 +105,6 @@ class TopAFASAE(SAE):
         super().__init__(cfg)
         if not self.opts.noise_floor >= 0:
             raise ConfigError(f"topafa noise_floor must be >= 0 (0 = the paper's rule), got {self.opts.noise_floor}")
-        if self.opts.rule not in ("nearest", "bounded"):
-            raise ConfigError(f"topafa rule must be 'nearest' (the paper's) or 'bounded', got {self.opts.rule!r}")
         if not self.opts.epsilon >= 0:
             raise ConfigError(f"topafa epsilon must be >= 0 (0 = 1/sqrt(d_in)), got {self.opts.epsilon}")
 

@@ -25,6 +25,7 @@ With w = 1[dead] this is exactly AuxK. The same profile sets Feature Choice's Zi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -43,7 +44,7 @@ class ZipfOptions:
     alive_priority: float = 0.1  # 1.0: rank alive and dead candidates alike
     # "fitted": the Zipf law fitted to the densest half of the alive latents (slope and level);
     # "normalised": the fixed profile 1/(r+1+β)^α scaled to Σρ (the earlier reconstruction).
-    target: str = "fitted"
+    target: Literal["fitted", "normalised"] = "fitted"
     dead_first: bool = True  # dead latents take auxiliary slots before any alive one
 
 
