@@ -193,7 +193,9 @@ def gather_pre_activations_torch(x_c, W_enc, b_enc, pre, indices) -> torch.Tenso
 ROW_TOP_K_GROUP = 16
 
 
-def row_top_k(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def row_top_k(
+    score: torch.Tensor, k: int, group: int = ROW_TOP_K_GROUP, min_width: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``score.topk(k, dim=1)`` (values, indices; sorted descending) of a [B, F] matrix, faster on CPU.
 
     torch's CPU topk copies every row into a (value, index) queue and partially sorts it: ~8 % of a
@@ -203,11 +205,11 @@ def row_top_k(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     them is below k group maxima, each a different entry), so the exact top-k is taken among those
     k·G entries only. The same values as ``topk``; among equal values another index may be chosen.
     Falls back to ``topk`` where the groups do not pay or do not fit (F not a multiple of G, F <
-    4·k·G, a non-contiguous score, CUDA, whose topk is fast).
+    ``min_width``·k·G, a non-contiguous score, CUDA, whose topk is fast). A large k (AuxK's k_aux,
+    hundreds) pays with fewer groups: ``group=8, min_width=2``.
     """
     batch, n = score.shape
-    group = ROW_TOP_K_GROUP
-    if score.is_cuda or not score.is_contiguous() or n % group or n < 4 * k * group or k < 1:
+    if score.is_cuda or not score.is_contiguous() or n % group or n < min_width * k * group or k < 1:
         return score.topk(k, dim=1)
     width = n // group
     groups = score.view(batch, group, width)  # groups[b, m, g] = score[b, m·width + g]

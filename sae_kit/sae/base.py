@@ -35,7 +35,7 @@ from sae_kit import data_parallel
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig, parse_options
 from sae_kit.fileio import atomic_write
-from sae_kit.kernels import batch_top_entries, dense_pre_activations, gather_pre_activations, sparse_decode
+from sae_kit.kernels import batch_top_entries, dense_pre_activations, gather_pre_activations, row_top_k, sparse_decode
 
 class NotExportable(ConfigError):
     """Another library has no rule that computes this SAE's inference exactly."""
@@ -553,14 +553,16 @@ def auxiliary_reconstruction_loss(
     if candidates.numel() <= k_aux:
         indices = candidates.expand(pre.shape[0], -1)
     else:
-        column_pre = pre.detach()[:, candidates]
-        magnitude = column_pre.abs() if signed else column_pre
-        score = magnitude * weights[candidates]
-        if priority is not None and bool(priority[candidates].any()):
-            # Priority candidates rank above every other, by their own u: shift them past the rest.
-            shift = (score.max() - magnitude.min()).clamp_min(0) + 1
-            score = torch.where(priority[candidates], magnitude + shift, score)
-        indices = candidates[score.topk(k_aux, dim=1).indices]
+        first = priority[candidates] if priority is not None else None
+        if first is None or not bool(first.any()):
+            indices = top_weighted_columns(pre.detach(), candidates, weights[candidates], k_aux, signed)
+        elif int(first.sum()) >= k_aux:  # only priority candidates take slots, ranked by their own u
+            firsts = candidates[first]
+            indices = top_weighted_columns(pre.detach(), firsts, weights.new_ones(firsts.numel()), k_aux, signed)
+        else:  # every priority candidate takes a slot; the rest go to the others by weight·u
+            firsts, others = candidates[first], candidates[~first]
+            rest = top_weighted_columns(pre.detach(), others, weights[others], k_aux - firsts.numel(), signed)
+            indices = torch.cat([firsts.expand(pre.shape[0], -1), rest], dim=1)
     values = gather_pre(indices.contiguous())
     if not signed:
         values = values.relu()
@@ -569,6 +571,39 @@ def auxiliary_reconstruction_loss(
     baseline = data_parallel.batch_variance(target)
     loss = mean_squared_error(estimate, target) / baseline
     return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+
+
+# Rows per block of top_weighted_columns: a [rows, candidates] score stays in cache.
+TOP_COLUMNS_ROWS = 256
+
+
+@torch.no_grad()
+def top_weighted_columns(
+    pre: torch.Tensor, columns: torch.Tensor, column_weights: torch.Tensor, k: int, signed: bool = False
+) -> torch.Tensor:
+    """[B, k] indices (into pre's columns, best first) of each row's k largest ``weight · u`` (``weight ·
+    |u|`` when signed) over ``columns`` (more than k of them).
+
+    The same choice as ``(pre[:, columns] * weights).topk(k)`` (among equal scores another index may be
+    taken), without its cost where thousands of columns are candidates (aux_zipf: every under-used
+    latent): blocks of rows, so the gathered score is never [B, candidates] at once, and
+    ``row_top_k``'s group maxima, with the columns padded by −inf to a multiple of the group.
+    """
+    group = 8
+    n = columns.numel()
+    pad = -(-n // group) * group - n
+    padded = torch.cat([columns, columns[:1].expand(pad)])
+    padded_weights = torch.cat([column_weights, column_weights.new_zeros(pad)])
+    out = torch.empty(pre.shape[0], k, dtype=torch.int64, device=pre.device)
+    block = torch.empty(min(TOP_COLUMNS_ROWS, pre.shape[0]), padded.numel(), dtype=pre.dtype, device=pre.device)
+    for start in range(0, pre.shape[0], TOP_COLUMNS_ROWS):
+        score = torch.index_select(pre[start:start + TOP_COLUMNS_ROWS], 1, padded, out=block[:min(TOP_COLUMNS_ROWS, pre.shape[0] - start)])
+        if signed:
+            score.abs_()
+        score.mul_(padded_weights)
+        score[:, n:] = float("-inf")
+        out[start:start + score.shape[0]] = padded[row_top_k(score, k, group=group, min_width=2)[1]]
+    return out
 
 
 def mean_squared_error(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
