@@ -18,7 +18,7 @@ time each), so machine load hits them alike. Forward + backward rows:
 Whole-step rows (``step/...``), each one optimizer update:
   step/ours       ``Trainer.train_step`` of a TopK run: Adam, gradient clipping, decoder gradient
                   projection and renormalisation, dead-latent bookkeeping, plugin hooks, the logged record
-  step/ours+auxk  the same with a quarter of the latents dead (re-marked before every step)
+  step/ours+auxk  the same with a quarter of the latents dead (kept marked through the forward, as the others)
   step/ARCH       ``Trainer.train_step`` for every registered architecture (against step/ours)
   step/saelens    SAELens' ``SAETrainer.step`` (Adam, clip 1.0, its firing statistics), without / with AuxK
   step/sparsify   sparsify's per-step logic from its ``Trainer.fit`` (decoder renorm, forward, fvu +
@@ -120,7 +120,7 @@ def make_paths(names: list[str], x: torch.Tensor, n: int, k: int, seed: int) -> 
                 sae.init_from_data(x)  # thresholds at the L0 = k quantile: the same L0 as TopK's k
             sae.train()
             if name.endswith("+auxk"):
-                sae.tokens_since_fired[dead] = sae.cfg.dead_tokens_threshold
+                keep_dead(sae, dead)
             paths[name] = step(sae, lambda sae=sae: sae.training_forward(x, variance).loss)
         elif name.startswith("saelens"):
             from sae_lens.saes.sae import TrainStepInput
@@ -158,6 +158,22 @@ class InMemorySource:
     def iter_batches(self, batch_size: int, **_):
         while True:
             yield self.x[:batch_size]
+
+
+def keep_dead(sae, dead: torch.Tensor) -> None:
+    """Keep ``dead`` marked dead through the forward. Our SAE updates its fire statistics with the
+    batch before the auxiliary loss reads them, so a marked latent that fires in the batch would
+    leave the dead set (at random init nearly all do: AuxK then ran on ~12 latents, not a quarter).
+    sparsify and SAELens take the mask from before the batch, so the marked set stays whole there;
+    this gives our path the same quarter."""
+    update = sae.update_fire_stats
+
+    def update_and_remark(codes) -> None:
+        update(codes)
+        sae.tokens_since_fired[dead] = sae.cfg.dead_tokens_threshold
+
+    sae.update_fire_stats = update_and_remark
+    sae.tokens_since_fired[dead] = sae.cfg.dead_tokens_threshold
 
 
 def whole_step_path(name: str, x: torch.Tensor, n: int, k: int, seed: int, dead: torch.Tensor) -> Callable[[], None]:
@@ -219,11 +235,10 @@ def whole_step_path(name: str, x: torch.Tensor, n: int, k: int, seed: int, dead:
     cfg = TrainConfig(architecture=architecture, d_sae=n, batch_size=x.shape[0], tokens=10**12,
                       warmup_steps=0, init_tokens=min(x.shape[0], 4096), out=out, progress=False, seed=seed, **settings)
     trainer = Trainer(cfg, InMemorySource(x), data_parallel=False)
-    threshold = trainer.sae.cfg.dead_tokens_threshold
+    if auxk:
+        keep_dead(trainer.sae, dead)
 
     def ours_step() -> None:
-        if auxk:
-            trainer.sae.tokens_since_fired[dead] = threshold
         trainer.train_step(x)
         trainer.step += 1
 
