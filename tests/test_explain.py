@@ -266,3 +266,23 @@ def test_explanations_travel_with_an_exported_sae(root, tmp_path):
     with pytest.raises(FormatError, match="features"):
         import_sae(bad, tmp_path / "never", "saelens")
     assert not (tmp_path / "never").exists()
+
+
+class _ParrotBackend(_BlindProbabilityBackend):
+    """An explainer that answers with the prompt's few-shot example, as SmolLM2-135M mostly did."""
+
+    def complete(self, prompts, *, max_tokens, answer_prefix=""):
+        return [" nouns for containers, such as cups, boxes, bottles, and bags."] * len(prompts)
+
+
+def test_a_copied_few_shot_answer_is_not_stored_as_an_explanation(root):
+    from sae_kit.explain.examples import load_examples
+    from sae_kit.explain.explainers import LMExplainer, parse_explanation
+
+    fx = list(load_examples(root / "saes" / "main" / "features.sqlite", list(range(8))).values())
+    explainer = LMExplainer(_ParrotBackend())
+    explanations = explainer.explain(fx)
+    assert explainer.parse_failures == len(fx)
+    assert all(not e.parsed and "containers" not in e.text and e.rule for e in explanations)
+    # a real explanation that shares a few words with the example is kept
+    assert parse_explanation(" nouns for containers such as jars.") == "The feature fires on nouns for containers such as jars."
