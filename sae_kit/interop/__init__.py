@@ -25,6 +25,12 @@ def refuse_to_overwrite(out: Path) -> None:
         raise FileExistsError(f"{out} already holds an SAE (cfg.json); write to a new folder or delete it first")
 
 
+def write_explanations_file(folder: Path, data: dict) -> None:
+    """``folder/explanations.json``, written whole or not at all."""
+    text = json.dumps(data, indent=1, ensure_ascii=False)
+    atomic_write(folder / EXPLANATIONS_FILE, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
 def export_sae(sae: SAE | str | Path, out: str | Path, format: str, sidecar: bool = True,
                explanations: str | Path | None = None) -> Path:
     """Write ``sae`` (or the SAE folder it names) to ``out`` in ``format``; refuses what it cannot express.
@@ -42,8 +48,7 @@ def export_sae(sae: SAE | str | Path, out: str | Path, format: str, sidecar: boo
     if explanations is not None:
         data = export_explanations(explanations)
         if data["records"]:
-            text = json.dumps(data, indent=1, ensure_ascii=False)
-            atomic_write(written / EXPLANATIONS_FILE, lambda temp: temp.write_text(text, encoding="utf-8"))
+            write_explanations_file(written, data)
     return written
 
 
@@ -73,8 +78,7 @@ def import_sae(path: str | Path, out: str | Path, format: str) -> tuple[SAE, lis
             raise FormatError(f"{exc}; fix or delete it to import the SAE") from None
     sae.save(out)
     if data is not None:
-        text = json.dumps(data, indent=1, ensure_ascii=False)
-        atomic_write(Path(out) / EXPLANATIONS_FILE, lambda temp: temp.write_text(text, encoding="utf-8"))
+        write_explanations_file(Path(out), data)
         notes = [*notes, f"{len(data['records'])} feature explanations kept in {EXPLANATIONS_FILE} "
                          "(`sae-kit analyze` loads them into the feature store)"]
     return sae, notes
