@@ -114,6 +114,10 @@ def test_a_skip_transcoder_run_from_the_server_trains_and_loads(root, tmp_path) 
         before = len(client.get("/api/runs").json())
         mismatched = client.post("/api/runs", json={"config": {**config, "targets": f"stores/other/{OUT_HOOK}"}})
         assert mismatched.status_code == 422 and "different tokens" in mismatched.json()["detail"], mismatched.text
+        for architecture, options, message in (("gba", {"groups": 0}, "gba groups must be between 1"),
+                                                ("topafa", {"epsilon": -1}, "topafa epsilon must be >= 0")):
+            bad = client.post("/api/runs", json={"config": {**config, "architecture": architecture, "options": options}})
+            assert bad.status_code == 422 and message in bad.json()["detail"], bad.text
         assert len(client.get("/api/runs").json()) == before
     finally:
         app.state.runs.close()
@@ -193,6 +197,10 @@ def test_jumprelu_and_matryoshka_saes_train_from_the_cli_the_run_form_and_a_yaml
         bad = client.post("/api/runs", json={"config": {**config, "architecture": "jumprelu", "options": {},
                                                         "target_l0": 4 * D_IN + 1}})
         assert bad.status_code == 422 and f"target_l0={4 * D_IN + 1} exceeds d_sae" in bad.json()["detail"], bad.text
+        for architecture, options, message in (("gba", {"groups": 0}, "gba groups must be between 1"),
+                                                ("topafa", {"epsilon": -1}, "topafa epsilon must be >= 0")):
+            bad = client.post("/api/runs", json={"config": {**config, "architecture": architecture, "options": options}})
+            assert bad.status_code == 422 and message in bad.json()["detail"], bad.text
         assert len(client.get("/api/runs").json()) == before
     finally:
         app.state.runs.close()

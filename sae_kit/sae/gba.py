@@ -50,7 +50,7 @@ import torch.nn as nn
 
 from sae_kit import data_parallel
 from sae_kit.codes import SparseCodes
-from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.config import ConfigError, SAEConfig, parse_options
 from sae_kit.sae.base import SAE, NotExportable, register
 
 
@@ -97,9 +97,11 @@ class GBASAE(SAE):
         tensors["b_enc"] = torch.zeros_like(self.b_enc)
         return "jumprelu", {}
 
-    def __init__(self, cfg: SAEConfig):
-        super().__init__(cfg)
-        opts = self.opts
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        # Here rather than in __init__: the server checks a run form's config with this before queueing it.
+        super().check_config(cfg)
+        opts = parse_options(cls.Options, cfg.options, f"architecture {cls.architecture!r}")
         if not 1 <= opts.groups <= cfg.d_sae:
             raise ConfigError(f"gba groups must be between 1 and d_sae={cfg.d_sae}, got {opts.groups}")
         if not 0 < opts.low_frequency <= opts.high_frequency <= 1:
@@ -114,6 +116,10 @@ class GBASAE(SAE):
             raise ConfigError(f"gba raise_below must be in [0, 1], got {opts.raise_below}")
         if opts.target_l0 is not None and not 0 < opts.target_l0 <= cfg.d_sae:
             raise ConfigError(f"gba target_l0 must be in (0, d_sae={cfg.d_sae}], got {opts.target_l0}")
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        opts = self.opts
         if opts.tied:
             self.decoder_scale = nn.Parameter(torch.ones(cfg.d_sae, dtype=self.dtype_))
             self.derived_tensors = ("W_enc",)

@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 
 from sae_kit.codes import SparseCodes
-from sae_kit.config import ConfigError
+from sae_kit.config import ConfigError, parse_options
 from sae_kit.sae.base import SAE, TrainingOutput, register
 
 LAST_PREFIX_NORM = 1e4
@@ -101,12 +101,15 @@ class TopAFASAE(SAE):
     default_normalization = "layer_norm"
     trains_encoder_bias = False
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        if not self.opts.noise_floor >= 0:
-            raise ConfigError(f"topafa noise_floor must be >= 0 (0 = the paper's rule), got {self.opts.noise_floor}")
-        if not self.opts.epsilon >= 0:
-            raise ConfigError(f"topafa epsilon must be >= 0 (0 = 1/sqrt(d_in)), got {self.opts.epsilon}")
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        # Here rather than in __init__: the server checks a run form's config with this before queueing it.
+        super().check_config(cfg)
+        opts = parse_options(cls.Options, cfg.options, f"architecture {cls.architecture!r}")
+        if not opts.noise_floor >= 0:
+            raise ConfigError(f"topafa noise_floor must be >= 0 (0 = the paper's rule), got {opts.noise_floor}")
+        if not opts.epsilon >= 0:
+            raise ConfigError(f"topafa epsilon must be >= 0 (0 = 1/sqrt(d_in)), got {opts.epsilon}")
 
     @property
     def epsilon(self) -> float | None:
