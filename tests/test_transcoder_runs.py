@@ -78,6 +78,19 @@ def test_the_run_form_schema_offers_the_transcoder_settings(root) -> None:
     assert "target_l0" in properties
 
 
+def run_to_the_end(client, config: dict, name: str) -> dict:
+    """POST a run as the form does and wait until it has finished; its final record."""
+    created = client.post("/api/runs", json={"config": config, "name": name})
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    deadline = time.monotonic() + 240
+    while (run := client.get(f"/api/runs/{run_id}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, run
+        time.sleep(0.3)
+    assert run["status"] == "finished", run
+    return run
+
+
 def test_a_skip_transcoder_run_from_the_server_trains_and_loads(root, tmp_path) -> None:
     from sae_kit.server.app import create_app
 
@@ -87,15 +100,8 @@ def test_a_skip_transcoder_run_from_the_server_trains_and_loads(root, tmp_path) 
         # What the form sends: only the fields that differ from the schema's defaults.
         config = {"architecture": "jumprelu", "activations": f"stores/pair/{IN_HOOK}",
                   "targets": f"stores/pair/{OUT_HOOK}", "skip_connection": True, "target_l0": 4, **SMALL}
-        created = client.post("/api/runs", json={"config": config, "name": "skip-transcoder"})
-        assert created.status_code == 201, created.text
-        run_id = created.json()["id"]
-        deadline = time.monotonic() + 240
-        while (run := client.get(f"/api/runs/{run_id}").json())["status"] in ("queued", "running"):
-            assert time.monotonic() < deadline, run
-            time.sleep(0.3)
-        assert run["status"] == "finished", run
-        run_dir = root / "runs" / run_id
+        run = run_to_the_end(client, config, "skip-transcoder")
+        run_dir = root / "runs" / run["id"]
         saved = json.loads((run_dir / "config.json").read_text())
         assert Path(saved["targets"]) == (root / "stores" / "pair" / OUT_HOOK).resolve()
         metrics = assert_trained_transcoder(run_dir / "sae", "jumprelu", skip=True)
@@ -180,14 +186,7 @@ def test_jumprelu_and_matryoshka_saes_train_from_the_cli_the_run_form_and_a_yaml
     try:
         config = {"architecture": "matryoshka", "activations": f"stores/pair/{IN_HOOK}", "k": 4,
                   "options": {"group_fractions": "0.25,0.75"}, **SMALL}
-        created = client.post("/api/runs", json={"config": config, "name": "matryoshka"})
-        assert created.status_code == 201, created.text
-        run_id = created.json()["id"]
-        deadline = time.monotonic() + 240
-        while (run := client.get(f"/api/runs/{run_id}").json())["status"] in ("queued", "running"):
-            assert time.monotonic() < deadline, run
-            time.sleep(0.3)
-        assert run["status"] == "finished", run
+        run_id = run_to_the_end(client, config, "matryoshka")["id"]
         assert_trained_sae(root / "runs" / run_id / "sae", "matryoshka")
         assert load_sae(root / "runs" / run_id / "sae").widths == [16, 4 * D_IN]
         # Bad options from the form are a 422 naming them, before anything is queued (not a failed child).
