@@ -297,3 +297,28 @@ def test_a_changed_slice_is_not_served_from_the_cache(tiny, twenty_paragraphs, t
     expected = evaluate_in_model(sae, tiny, shared_prefix=False, **small)
     for key in KEYS - {"hook"}:
         assert changed[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+
+
+def test_ablated_rows_equal_the_suffix_over_every_window(tiny):
+    """Windows that differ outside the overwritten positions each get their own suffix pass; ones that
+    do not share one; and the previous batch's windows are reused (counted suffix rows)."""
+    from sae_kit.eval.in_model import AblatedRows, next_token_loss, overwrite
+    from sae_kit.eval.split_forward import split_at
+
+    cut = split_at(tiny, "blocks.0.hook_resid_post")
+    torch.manual_seed(7)
+    tokens = torch.randint(0, tiny.d_vocab, (4, 12))
+    tokens[:, 0] = tiny.bos_token_id  # the skipped first position: the same residual in every window
+    residual = cut.prefix(tokens)
+    keep = torch.ones(4, 12, dtype=torch.bool)
+    keep[:, 0] = False
+    keep[1, 5] = keep[3, 2] = False  # two windows keep a position of their own: three distinct windows
+    rows_run: list[int] = []
+    suffix = cut.suffix
+    cut.suffix = lambda t, r: (rows_run.append(r.shape[0]), suffix(t, r))[1]
+    ablated = AblatedRows(cut)
+    for value in (0.0, 0.0, 0.5):
+        edited = overwrite(keep, value)(residual)
+        expected = next_token_loss(suffix(tokens, edited), tokens).item()
+        assert ablated.loss(tokens, edited) == pytest.approx(expected, rel=1e-6)
+    assert rows_run == [3, 3]  # the second zero-ablated batch reused the first's windows

@@ -21,7 +21,11 @@ scores the prediction of the MLP output itself. They take the four full passes (
 inside the block being replaced).
 
 Speed: at a residual-stream hook the model runs the shared prefix (blocks 0..L) once per batch and
-only the suffix per variant (``split_forward.py``); the ablation baselines (zero- and mean-ablated
+only the suffix per variant (``split_forward.py``). An ablated batch is one window repeated (every
+kept position holds the same value; BOS is the same everywhere), so its suffix runs on the distinct
+windows only, and the zero-ablated window, the same in every batch, once per slice
+(``AblatedRows``); the clean and spliced losses and the KL come from one log-softmax per variant
+(``clean_spliced_losses``). The ablation baselines (zero- and mean-ablated
 losses) and the prefix's residuals do not depend on the SAE, so they are kept per model and dataset
 slice (``BASELINES``) and a second SAE evaluated on the same slice runs only the clean and spliced
 suffixes. Other hooks, or a model without a usable cut, take four full forward passes
@@ -48,14 +52,64 @@ RESIDUAL_CACHE_BYTES = 256 * 2**20
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    """Mean cross-entropy of predicting tokens[:, 1:] from logits[:, :-1] (float32 per position, the
+    mean in float64: CE recovered divides loss differences of ~0.1, where a float32 mean's rounding
+    shows)."""
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+    return losses.double().mean()
 
 
 def kl_to_clean(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
     clean = F.log_softmax(clean_logits.float(), dim=-1)
     other = F.log_softmax(other_logits.float(), dim=-1)
     return (clean.exp() * (clean - other)).sum(-1).mean()
+
+
+def clean_spliced_losses(clean_logits: torch.Tensor, spliced_logits: torch.Tensor,
+                         tokens: torch.Tensor) -> tuple[float, float, float]:
+    """``next_token_loss`` of both and ``kl_to_clean``, from one log-softmax per variant (the three
+    functions take five), a window at a time so that no [batch, pos, vocab] temporaries are made."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for clean_row, spliced_row, row_tokens in zip(clean_logits, spliced_logits, tokens):
+        clean = F.log_softmax(clean_row.float(), dim=-1)
+        spliced = F.log_softmax(spliced_row.float(), dim=-1)
+        targets = row_tokens[1:, None]
+        sums[0] -= clean[:-1].gather(1, targets).double().sum()
+        sums[1] -= spliced[:-1].gather(1, targets).double().sum()
+        sums[2] += (clean.exp() * (clean - spliced)).sum(-1).double().sum()
+    predicted = tokens.shape[0] * (tokens.shape[1] - 1)
+    return float(sums[0]) / predicted, float(sums[1]) / predicted, float(sums[2]) / tokens.numel()
+
+
+class AblatedRows:
+    """Next-token loss of an ablated residual through the suffix, run once per distinct window.
+
+    An ablation overwrites every kept position with one value, so windows that differ only there
+    (with BOS alone skipped: every window) reach the suffix identical, and the suffix treats windows
+    independently and from the residual alone (``split_forward``): one window's log-probs serve
+    them all. The previous batch's distinct windows are kept too: the zero-ablated window is the
+    same in every batch, so the whole slice runs it once (the running mean changes per batch)."""
+
+    def __init__(self, cut):
+        self.cut = cut
+        self.previous: list[tuple[torch.Tensor, torch.Tensor]] = []  # (window residual, its log-probs)
+
+    def loss(self, tokens: torch.Tensor, residual: torch.Tensor) -> float:
+        distinct, which = torch.unique(residual.flatten(1), dim=0, return_inverse=True)
+        distinct = distinct.view(-1, *residual.shape[1:])
+        log_probs: list[torch.Tensor | None] = [
+            next((lp for row, lp in self.previous if torch.equal(row, window)), None) for window in distinct]
+        missing = [i for i, lp in enumerate(log_probs) if lp is None]
+        if missing:
+            first = [int((which == i).nonzero()[0]) for i in missing]  # tokens give the suffix its shape only
+            logits = self.cut.suffix(tokens[first], distinct[missing])
+            for i, window_logits in zip(missing, logits):
+                log_probs[i] = F.log_softmax(window_logits.float(), dim=-1)
+        self.previous = list(zip(distinct, log_probs))
+        total = torch.zeros((), dtype=torch.float64)
+        for row_tokens, i in zip(tokens, which.tolist()):
+            total -= log_probs[i][:-1].gather(1, row_tokens[1:, None]).double().sum()
+        return float(total) / (tokens.shape[0] * (tokens.shape[1] - 1))
 
 
 def splice(sae: SAE, keep: torch.Tensor, inputs: torch.Tensor | None = None):
@@ -130,6 +184,7 @@ def evaluate_in_model(
     cut = split_at(model, hook) if shared_prefix and target is None else None
     slice_key = (hook, dataset, split, context, batch_size, prepend_bos, skip_bos)
     cached = BASELINES.setdefault(model, {}).setdefault(slice_key, []) if cut is not None else []
+    ablated = {"zero": AblatedRows(cut), "mean": AblatedRows(cut)} if cut is not None else {}
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0, "kl": 0.0}
     output_sums = torch.zeros(3, dtype=torch.float64)  # transcoders: Σ‖y − ŷ‖², Σ‖y‖², and n; Σy below
     output_sum = None
@@ -153,7 +208,6 @@ def evaluate_in_model(
                 del cached[index:]  # the dataset changed under the same name: recompute from here on
                 baseline = None
             acts = baseline.residual if baseline is not None and baseline.residual is not None else cut.prefix(tokens)
-            clean = cut.suffix(tokens, acts)
         batch_sum = acts[keep].double().sum(0)
         mean_sum = batch_sum if mean_sum is None else mean_sum + batch_sum
         mean_count += int(keep.sum())
@@ -168,10 +222,11 @@ def evaluate_in_model(
                                              y.shape[0]], dtype=torch.float64)
                 output_sum = y.sum(0) if output_sum is None else output_sum + y.sum(0)
         else:
-            spliced = cut.suffix(tokens, splice(sae, keep)(acts))
+            loss_clean, loss_sae, kl = clean_spliced_losses(cut.suffix(tokens, acts),
+                                                            cut.suffix(tokens, splice(sae, keep)(acts)), tokens)
             if baseline is None:
-                loss_zero = next_token_loss(cut.suffix(tokens, overwrite(keep, 0.0)(acts)), tokens).item()
-                loss_mean = next_token_loss(cut.suffix(tokens, overwrite(keep, mean_value)(acts)), tokens).item()
+                loss_zero = ablated["zero"].loss(tokens, overwrite(keep, 0.0)(acts))
+                loss_mean = ablated["mean"].loss(tokens, overwrite(keep, mean_value)(acts))
                 keep_residual = kept_bytes + acts.numel() * acts.element_size() <= RESIDUAL_CACHE_BYTES
                 kept_bytes += acts.numel() * acts.element_size() if keep_residual else 0
                 if index == len(cached):
@@ -181,11 +236,14 @@ def evaluate_in_model(
         # Weighted by the batch's windows (all of the same length): the last batch may be short, and
         # every position must count alike in the averages.
         windows = tokens.shape[0]
-        totals["clean"] += next_token_loss(clean, tokens).item() * windows
-        totals["sae"] += next_token_loss(spliced, tokens).item() * windows
+        if cut is None:
+            loss_clean, loss_sae = next_token_loss(clean, tokens).item(), next_token_loss(spliced, tokens).item()
+            kl = kl_to_clean(clean, spliced).item()
+        totals["clean"] += loss_clean * windows
+        totals["sae"] += loss_sae * windows
         totals["zero"] += loss_zero * windows
         totals["mean"] += loss_mean * windows
-        totals["kl"] += kl_to_clean(clean, spliced).item() * windows
+        totals["kl"] += kl * windows
         n_windows += windows
         seen += tokens.numel()
         bar.update(tokens.numel())
