@@ -1221,3 +1221,19 @@ def test_sparse_training_path_equals_dense_autograd(architecture, options):
             torch.testing.assert_close(s_grads[name], d_grads[name], rtol=1e-3, atol=1e-5)
     for name in dense_state:
         torch.testing.assert_close(sparse_state[name], dense_state[name], rtol=1e-3, atol=1e-5)
+
+
+def test_aux_zipf_deficit_slots_give_dying_latents_their_shortfall_of_tokens() -> None:
+    sae = make_sae("mutual_choice", d_sae=8, k=2, options={"aux_slots": "deficit"})
+    density = torch.tensor([0.5, 0.3, 0.2, 0.1, 0.05, 0.04, 0.0, 0.0])
+    sae.feature_density.copy_(density)
+    floor = float(sae.tail_density(density.double()))  # Σρ · p(7) for the 1/r law
+    pre = torch.arange(32 * 8, dtype=torch.float32).reshape(32, 8)
+    indices, mask = sae.deficit_slots(pre)
+    per_latent = torch.zeros(8, dtype=torch.int64).index_add_(0, indices[mask], torch.ones(int(mask.sum()), dtype=torch.int64))
+    dying = density.double() < floor
+    expected = torch.where(dying, ((floor - density.double()) * 32).ceil().clamp(1, 32), 0).to(torch.int64)
+    assert dying.sum() >= 2 and torch.equal(per_latent, expected)
+    # each dying latent takes its largest-u tokens (here the last rows)
+    rows = mask.nonzero(as_tuple=True)[0]
+    assert int(rows.min()) >= 32 - int(expected.max())

@@ -20,6 +20,14 @@ formula is not public; this is our reconstruction (documented as an engine appro
    (Mutual Choice's default) fits the Zipf law to the densest half of the alive latents and flags
    what falls below it (the tail); ``dead_first`` gives dead latents the slots before any alive one.
    Mutual Choice dead 0.50 -> 0.227 on GBA's set (TopK 0): better, still above TopK's.
+7. Session 5 diagnosis (docs/no_collapse.md): on GBA's set Mutual Choice's latents do not die in
+   training (1.8 % flagged at the end) but fire rarely (median EMA density 1e-4, < 1 fire in the
+   16k held-out tokens); the auxiliary slots given to alive under-used latents cause it: with
+   ``alive_priority=0`` (= AuxK) held-out dead is 0.072 (BatchTopK's) against 0.225. The residual
+   they regress is small, so their large pre-activations are pulled down. ``aux_slots="deficit"``
+   (few slots, to dying latents only) measured worse (0.438); with ``alive_gradient="raise"`` (drop
+   the gradient that lowers an alive latent's u) it measured 0.025 on GBA's set and 0.397 on Sharkey
+   (TopK 0, 0.438), seed 0 only: signed/zipf and seeds 1-2 not run, so it is not the default yet.
 With w = 1[dead] this is exactly AuxK. The same profile sets Feature Choice's Zipf capacities.
 """
 from __future__ import annotations
@@ -32,7 +40,8 @@ import torch
 from sae_kit import data_parallel
 from sae_kit.codes import SparseCodes
 from sae_kit.config import SAEConfig
-from sae_kit.sae.base import TrainingOutput, update_ema
+from sae_kit.kernels import sparse_decode
+from sae_kit.sae.base import TrainingOutput, mean_squared_error, top_weighted_columns, update_ema
 
 
 @dataclass
@@ -46,6 +55,28 @@ class ZipfOptions:
     # "normalised": the fixed profile 1/(r+1+β)^α scaled to Σρ (the earlier reconstruction).
     target: Literal["fitted", "normalised"] = "fitted"
     dead_first: bool = True  # dead latents take auxiliary slots before any alive one
+    # "per_row" (default): every under-used latent competes for k_aux slots per row by weight·u (the
+    # reconstruction of 1.-6. above). "deficit" (experimental, session 5; measured worse, see 7.):
+    # dead latents get AuxK's slots and an alive latent below the Zipf law's tail density gets as many
+    # tokens as it falls short of it (cheap: ~0 entries when densities follow the law).
+    aux_slots: Literal["deficit", "per_row"] = "per_row"
+    # "raise": the auxiliary gradient may raise an alive latent's pre-activation, never lower it (a
+    # small residual would otherwise pull a dying latent's u down, and it fires even less);
+    # "full": the plain gradient, as for dead latents.
+    alive_gradient: Literal["raise", "full"] = "raise"
+
+
+class RaiseOnly(torch.autograd.Function):
+    """Identity whose gradient only raises its input: positive gradients (which a descent step
+    turns into a decrease) are dropped."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clamp(max=0)
 
 
 def zipf_profile(n: int, alpha: float, beta: float) -> torch.Tensor:
@@ -111,8 +142,63 @@ class ZipfAuxMixin:
         weights[self.dead_mask()] = 1.0
         return weights.to(self.dtype_)
 
+    @torch.no_grad()
+    def tail_density(self, density: torch.Tensor) -> torch.Tensor:
+        """The least density a Zipf law with this total gives any rank: Σρ · p(n−1)."""
+        profile = zipf_profile(density.numel(), self.opts.zipf_alpha, self.opts.zipf_beta)
+        return density.sum() * float(profile[-1])
+
+    @torch.no_grad()
+    def deficit_slots(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, K] auxiliary indices and their bool mask: AuxK's per-row top-k_aux over the dead latents,
+        then each dying latent j (alive, ρ_j below the tail density ρ_min) on its m_j = ⌈(ρ_min − ρ_j)·B⌉
+        largest-u tokens. Nothing dead or dying: K = 0 (no auxiliary pass at all)."""
+        batch = pre.shape[0]
+        dead = self.dead_mask()
+        density = self.feature_density
+        floor = self.tail_density(density.double())
+        dying = ((density.double() < floor) & ~dead).nonzero().squeeze(1)
+        parts, masks = [], []
+        dead_columns = dead.nonzero().squeeze(1)
+        if dead_columns.numel():
+            if dead_columns.numel() <= self.k_aux:
+                parts.append(dead_columns.expand(batch, -1))
+            else:
+                parts.append(top_weighted_columns(pre, dead_columns, pre.new_ones(dead_columns.numel()), self.k_aux))
+            masks.append(torch.ones_like(parts[-1], dtype=torch.bool))
+        if dying.numel():
+            shortfall = ((floor - density.double()[dying]) * batch).ceil().clamp(1, batch).to(torch.int64)
+            depth = int(shortfall.max())
+            top_tokens = pre.index_select(1, dying).topk(depth, dim=0).indices  # [depth, n_dying]
+            slot, column = (torch.arange(depth, device=pre.device)[:, None] < shortfall[None, :]).nonzero(as_tuple=True)
+            tokens, latents = top_tokens[slot, column], dying[column]
+            order = torch.argsort(tokens * pre.shape[1] + latents)
+            codes = SparseCodes.from_coordinates(pre, tokens[order], latents[order])
+            parts.append(codes.indices)
+            masks.append(codes.active)
+        if not parts:
+            empty = torch.zeros(batch, 0, dtype=torch.int64, device=pre.device)
+            return empty, empty.bool()
+        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+
+    def deficit_loss(self, out: TrainingOutput) -> torch.Tensor:
+        indices, mask = self.deficit_slots(out.pre_activations.detach())
+        if indices.shape[1] == 0:
+            return out.x_n.new_zeros(())
+        pre = out.gather_pre(indices.contiguous())
+        if self.opts.alive_gradient == "raise":
+            alive = ~self.dead_mask()[indices]
+            pre = torch.where(alive, RaiseOnly.apply(pre), pre)
+        values = torch.where(mask, pre.relu(), 0)
+        target = (out.x_n - out.x_hat_n).detach()
+        estimate = sparse_decode(indices, values, self.W_dec)
+        loss = mean_squared_error(estimate, target) / data_parallel.batch_variance(target)
+        return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
         if not self.training:
             return {}
+        if self.opts.aux_slots == "deficit":
+            return {"aux_zipf": self.cfg.aux_coefficient * self.deficit_loss(out)}
         priority = self.dead_mask() if self.opts.dead_first else None
         return self.dead_latent_loss(out, weights=self.underutilisation_weights(), name="aux_zipf", priority=priority)
