@@ -462,8 +462,8 @@ def test_aux_zipf_equals_auxk_when_weights_are_the_dead_mask(monkeypatch) -> Non
     assert out.parts["aux_zipf"] > 0
 
 
-def test_aux_zipf_default_weights_rank_candidates_by_weight_times_u() -> None:
-    sae = make_sae("mutual_choice", k=4, k_aux=6)
+def test_aux_zipf_per_row_slots_rank_candidates_by_weight_times_u() -> None:
+    sae = make_sae("mutual_choice", k=4, k_aux=6, options={"aux_slots": "per_row"})
     x = randn(48, 16)
     train_steps(sae, x, steps=2)
     sae.train()

@@ -212,3 +212,22 @@ def test_gba_groups_experiment_reports_each_group_within_2x_of_its_target(tmp_pa
     summary = json.loads(lines[-1])
     assert 1.0 <= summary["worst_group_ratio"] <= 2.0, lines
     assert summary["dead"] < 0.1
+
+
+def test_mutual_choice_leaves_no_more_latents_unfired_than_topk_on_gba_imbalanced_data() -> None:
+    """The aux_zipf per-row slots pulled alive, rarely used latents down until they stopped firing on
+    held-out rows (docs/no_collapse.md, session 5); Mutual Choice's default deficit slots must not."""
+    dataset = make_dataset("gba_imbalanced", seed=0)
+    sample = planted_sampler(dataset)
+    x = sample(16384, 99)
+    dead = {}
+    for name, arch, options in [("topk", "topk", {}), ("per_row", "mutual_choice", {"aux_slots": "per_row"}),
+                                ("default", "mutual_choice", {})]:
+        torch.manual_seed(0)
+        sae = create_sae(SAEConfig(d_in=42, d_sae=512, k=12, architecture=arch, dead_tokens_threshold=20_000,
+                                   options=options))
+        train(sae, sample, steps=2500, lr=1e-3)
+        l0, dead[name], _ = inference_stats(sae, x)
+        assert 6 <= l0 <= 24, (name, l0)
+    assert dead["per_row"] > 2 * dead["default"], dead  # the defect this default removes
+    assert dead["default"] <= dead["topk"] + 0.005, dead

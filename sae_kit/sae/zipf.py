@@ -27,7 +27,10 @@ formula is not public; this is our reconstruction (documented as an engine appro
    they regress is small, so their large pre-activations are pulled down. ``aux_slots="deficit"``
    (few slots, to dying latents only) measured worse (0.438); with ``alive_gradient="raise"`` (drop
    the gradient that lowers an alive latent's u) it measured 0.025 on GBA's set and 0.397 on Sharkey
-   (TopK 0, 0.438), seed 0 only: signed/zipf and seeds 1-2 not run, so it is not the default yet.
+   (TopK 0, 0.438). Over seeds 0-2 on the four planted sets (docs/no_collapse.md) it is Mutual
+   Choice's default: GBA's set 0.025/0.047/0.012 (TopK 0: still above it), Sharkey 0.40-0.44
+   (TopK 0.41-0.44), signed 0 (0), zipf 0.10-0.14 (TopK 0.50). Feature Choice keeps "per_row"
+   (its capacities already leave no latent dead).
 With w = 1[dead] this is exactly AuxK. The same profile sets Feature Choice's Zipf capacities.
 """
 from __future__ import annotations
