@@ -87,8 +87,12 @@ QUICK_TRAIN = {"eval_tokens": 2048, "init_tokens": 4096}
 
 def train_planted(dataset: PlantedDataset, arch: str, *, d_sae: int, steps: int, k: int = 32,
                   batch_size: int = 512, lr: float = 1e-3, seed: int = 0, options: dict | None = None,
-                  eval_tokens: int = 16_384, dead_tokens: int = 100_000, init_tokens: int = 32_768):
-    """Train one SAE on a planted dataset with the project's Trainer; returns (sae, eval dict)."""
+                  eval_tokens: int = 16_384, dead_tokens: int = 100_000, init_tokens: int = 32_768,
+                  on_trainer: Callable[[Any], None] | None = None):
+    """Train one SAE on a planted dataset with the project's Trainer; returns (sae, eval dict).
+
+    ``on_trainer`` is called with the Trainer before it runs (to attach probes, e.g. per-latent firing
+    counts over the run's end: ``gba_groups.group_frequencies``)."""
     from sae_kit.train.trainer import TrainConfig, Trainer
 
     with tempfile.TemporaryDirectory(prefix="sae-kit-reproduce-") as out:
@@ -99,6 +103,8 @@ def train_planted(dataset: PlantedDataset, arch: str, *, d_sae: int, steps: int,
             checkpoint_every=steps, log_every=max(1, steps // 20), seed=seed, progress=False, init_tokens=init_tokens,
         )
         trainer = Trainer(cfg, SyntheticSource(dataset))
+        if on_trainer is not None:
+            on_trainer(trainer)
         sae = trainer.run()
         evaluation = json.loads((trainer.run_dir / "sae" / "eval.json").read_text())
     return sae, evaluation
