@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d", type=int, default=42, help="input dimension of the planted set (the paper's note: 42)")
     parser.add_argument("--magnitudes", default="0.5,1.5",
                         help="LO,HI of the active coefficients' law U(LO, HI] (the paper's law is unknown)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper's is unknown)")
+    parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -36,10 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     for width in (int(w) for w in args.widths.split(",")):
         for k in (int(v) for v in args.ks.split(",")):
             started = time.perf_counter()
-            sae, evaluation = train_planted(dataset, "topk", d_sae=width, steps=args.steps, k=k, seed=args.seed)
+            sae, evaluation = train_planted(dataset, "topk", d_sae=width, steps=args.steps, k=k, seed=args.seed,
+                                          lr=args.lr, batch_size=args.batch_size)
             directions = sae.decoder_directions()
             print(json.dumps({
-                "width": width, "k": k, "steps": args.steps, "d": args.d, "magnitudes": [low, high],
+                "width": width, "k": k, "steps": args.steps, "d": args.d, "lr": args.lr, "batch": args.batch_size, "magnitudes": [low, high],
                 "frr@0.8": feature_recovery_rate(dataset.features, directions, 0.8),
                 "frr@0.9": feature_recovery_rate(dataset.features, directions, 0.9),
                 "dead": evaluation["dead_fraction"], "fvu": evaluation.get("fvu"),

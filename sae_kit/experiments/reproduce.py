@@ -87,8 +87,12 @@ QUICK_TRAIN = {"eval_tokens": 2048, "init_tokens": 4096}
 
 def train_planted(dataset: PlantedDataset, arch: str, *, d_sae: int, steps: int, k: int = 32,
                   batch_size: int = 512, lr: float = 1e-3, seed: int = 0, options: dict | None = None,
-                  eval_tokens: int = 16_384, dead_tokens: int = 100_000, init_tokens: int = 32_768):
-    """Train one SAE on a planted dataset with the project's Trainer; returns (sae, eval dict)."""
+                  eval_tokens: int = 16_384, dead_tokens: int = 100_000, init_tokens: int = 32_768,
+                  on_trainer: Callable[[Any], None] | None = None):
+    """Train one SAE on a planted dataset with the project's Trainer; returns (sae, eval dict).
+
+    ``on_trainer`` is called with the Trainer before it runs (to attach probes, e.g. per-latent firing
+    counts over the run's end: ``gba_groups.group_frequencies``)."""
     from sae_kit.train.trainer import TrainConfig, Trainer
 
     with tempfile.TemporaryDirectory(prefix="sae-kit-reproduce-") as out:
@@ -99,6 +103,8 @@ def train_planted(dataset: PlantedDataset, arch: str, *, d_sae: int, steps: int,
             checkpoint_every=steps, log_every=max(1, steps // 20), seed=seed, progress=False, init_tokens=init_tokens,
         )
         trainer = Trainer(cfg, SyntheticSource(dataset))
+        if on_trainer is not None:
+            on_trainer(trainer)
         sae = trainer.run()
         evaluation = json.loads((trainer.run_dir / "sae" / "eval.json").read_text())
     return sae, evaluation
@@ -142,7 +148,11 @@ def gba_imbalanced_frr(quick: bool, seed: int) -> dict[str, Any]:
     # paper's TopK K=20 numbers (98.4 % / 99.2 %); the baseline fixes the unknown, GBA is then the test.
     dataset = make_dataset("gba_imbalanced", seed=seed, d=GBA_CALIBRATED_D)
     d_sae, steps = (128, 60) if quick else (128, 3000)
-    runs = [("topk k=20", "topk", 20, {}), ("topk k=30", "topk", 30, {}), ("gba", "gba", 32, {})]
+    # GBA as the paper's Algorithm 1 (methods.md 6.4-6.5): all biases adapted every T = 50 steps by a
+    # constant γ = 0.01, only dead neurons raised, K = 10 groups at 0.1 … 0.001 (arXiv v1, the only set
+    # with both ends stated). Our default rule (faster, two-sided) gives 93.8 % here (docs/reproduction.md).
+    paper_algorithm_1 = {"adapt_every": 50, "step_growth": 1.0, "raise_below": 0.0}
+    runs = [("topk k=20", "topk", 20, {}), ("topk k=30", "topk", 30, {}), ("gba", "gba", 32, paper_algorithm_1)]
     paper = {"topk k=20": 0.984, "topk k=30": 0.242, "gba": 1.0}
     results = {}
     for label, arch, k, options in runs:
@@ -172,7 +182,11 @@ def gba_imbalanced_frr(quick: bool, seed: int) -> dict[str, Any]:
             "dictionary width M -> the number of features (128)",
             "coefficient distribution -> U(0.5, 1.5]",
             "samples/steps/lr -> fresh samples every step, 3000 steps of 512, Adam 1e-3",
-            "GBA groups/frequencies -> our defaults (10 groups, 0.1..0.001, adaptive steps)",
+            "GBA rule -> the paper's Algorithm 1 (adapt_every=50 steps, constant γ=0.01, raise dead only); "
+            "groups -> K=10 geometric 0.1..0.001 (arXiv v1; the ICLR note's 0.5..1e-3 gives 93.0 % at seed 0); "
+            "GBA width -> 128 like TopK (at 512 Algorithm 1 collapses: FRR 7.8 %, 33 % dead)",
+            "steps -> 3000: Algorithm 1 then leaves groups 5-9 firing at ~0.015, above their 0.008-0.001 targets "
+            "(biases at -0.33 after 60 adaptations); 6000 steps gets closer and FRR rises to 99.2 %",
         ],
         "paper_value": "FRR@0.9: TopK K=20 98.4 %, K=30 24.2 %, GBA 100 %",
         "ours": "FRR@0.9: " + ", ".join(f"{label} {100 * v:.1f} %" for label, v in ours.items())
