@@ -19,7 +19,8 @@ Whole-step rows (``step/...``), each one optimizer update:
   step/ours       ``Trainer.train_step`` of a TopK run: Adam, gradient clipping, decoder gradient
                   projection and renormalisation, dead-latent bookkeeping, plugin hooks, the logged record
   step/ours+auxk  the same with a quarter of the latents dead (kept marked through the forward, as the others)
-  step/ARCH       ``Trainer.train_step`` for every registered architecture (against step/ours)
+  step/ARCH       ``Trainer.train_step`` for every registered architecture (against step/ours);
+                  ``step/ARCH@OPTION=VALUE`` the same with one option changed (string-valued options)
   step/saelens    SAELens' ``SAETrainer.step`` (Adam, clip 1.0, its firing statistics), without / with AuxK
   step/sparsify   sparsify's per-step logic from its ``Trainer.fit`` (decoder renorm, forward, fvu +
                   auxk backward, gradient projection, Adam - its non-default optimizer, for a like
@@ -224,6 +225,8 @@ def whole_step_path(name: str, x: torch.Tensor, n: int, k: int, seed: int, dead:
         return sparsify_step
     from sae_kit.train.trainer import Trainer, TrainConfig
 
+    # step/ARCH@OPTION=VALUE: one option other than the default, timed in the same interleaved run.
+    base, _, option = base.partition("@")
     architecture = "topk" if base == "ours" else base
     out = tempfile.mkdtemp(prefix="train_step_bench_")
     atexit.register(shutil.rmtree, out, ignore_errors=True)  # the trainer's run folder, not wanted after
@@ -232,6 +235,9 @@ def whole_step_path(name: str, x: torch.Tensor, n: int, k: int, seed: int, dead:
 
     knob = getattr(ARCHITECTURES[architecture], "sparsity_settings", None)
     settings = {"k": k, **(knob(k) if knob else {})}
+    if option:
+        key, _, value = option.partition("=")
+        settings["options"] = {**settings.get("options", {}), key: value}
     cfg = TrainConfig(architecture=architecture, d_sae=n, batch_size=x.shape[0], tokens=10**12,
                       warmup_steps=0, init_tokens=min(x.shape[0], 4096), out=out, progress=False, seed=seed, **settings)
     trainer = Trainer(cfg, InMemorySource(x), data_parallel=False)
