@@ -29,8 +29,10 @@ formula is not public; this is our reconstruction (documented as an engine appro
    the gradient that lowers an alive latent's u) it measured 0.025 on GBA's set and 0.397 on Sharkey
    (TopK 0, 0.438). Over seeds 0-2 on the four planted sets (docs/no_collapse.md) it is Mutual
    Choice's default: GBA's set 0.025/0.047/0.012 (TopK 0: still above it), Sharkey 0.40-0.44
-   (TopK 0.41-0.44), signed 0 (0), zipf 0.10-0.14 (TopK 0.50). Feature Choice keeps "per_row"
-   (its capacities already leave no latent dead).
+   (TopK 0.41-0.44), signed 0 (0), zipf 0.10-0.14 (TopK 0.50). Feature Choice's capacities already
+   left no latent dead with "per_row"; with "deficit" it has the same L0, FVU (within 0.01) and
+   dead fraction (0-0.003) on the four sets at seeds 0-1, and its step costs 1.07x TopK's instead of
+   2.20x (benchmarks/train_step.py), so both default to it.
 With w = 1[dead] this is exactly AuxK. The same profile sets Feature Choice's Zipf capacities.
 """
 from __future__ import annotations
@@ -58,11 +60,12 @@ class ZipfOptions:
     # "normalised": the fixed profile 1/(r+1+β)^α scaled to Σρ (the earlier reconstruction).
     target: Literal["fitted", "normalised"] = "fitted"
     dead_first: bool = True  # dead latents take auxiliary slots before any alive one
-    # "per_row" (default): every under-used latent competes for k_aux slots per row by weight·u (the
-    # reconstruction of 1.-6. above). "deficit" (experimental, session 5; measured worse, see 7.):
-    # dead latents get AuxK's slots and an alive latent below the Zipf law's tail density gets as many
-    # tokens as it falls short of it (cheap: ~0 entries when densities follow the law).
-    aux_slots: Literal["deficit", "per_row"] = "per_row"
+    # "deficit" (default, 7. above): dead latents get AuxK's slots and an alive latent below the Zipf
+    # law's tail density gets as many tokens as it falls short of it (cheap: ~0 entries when densities
+    # follow the law); with alive_gradient="full" it measured worse than per_row. "per_row": every
+    # under-used latent competes for k_aux slots per row by weight·u (the reconstruction of 1.-6.);
+    # target, dead_first and alive_priority apply to it only.
+    aux_slots: Literal["deficit", "per_row"] = "deficit"
     # "raise": the auxiliary gradient may raise an alive latent's pre-activation, never lower it (a
     # small residual would otherwise pull a dying latent's u down, and it fires even less);
     # "full": the plain gradient, as for dead latents.
