@@ -231,3 +231,17 @@ def test_mutual_choice_leaves_no_more_latents_unfired_than_topk_on_gba_imbalance
         assert 6 <= l0 <= 24, (name, l0)
     assert dead["per_row"] > 2 * dead["default"], dead  # the defect this default removes
     assert dead["default"] <= dead["topk"] + 0.005, dead
+
+
+def test_gba_imbalanced_experiment_reports_every_group_and_the_recovery(capsys) -> None:
+    """The repo command behind docs/reproduction.md's GBA tables, at a tiny size."""
+    from sae_kit.experiments import gba_imbalanced
+
+    gba_imbalanced.main(["--d", "64", "--width", "40", "--steps", "40", "--options", '{"groups": 4}'])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    groups = report["groups"]
+    assert [g["group"] for g in groups] == [0, 1, 2, 3] and sum(g["latents"] for g in groups) == 40
+    assert all(0.0 <= g["min"] <= g["measured"] <= g["max"] <= 1.0 for g in groups), groups
+    assert abs(sum(g["target"] * g["latents"] for g in groups) - report["target_l0"]) < 0.05
+    assert 0.0 <= report["frr@0.9"] <= report["frr@0.8"] <= 1.0
+    assert len(report["missed_best_cos"]) == round(128 * (1 - report["frr@0.9"]))
