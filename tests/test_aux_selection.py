@@ -86,3 +86,14 @@ def test_top_weighted_columns_equals_topk():
     got = base.top_weighted_columns(pre, columns, w, 40)
     expected = columns[(pre[:, columns] * w).topk(40, dim=1).indices]
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("n_columns", [300, 2001])  # unsorted topk (< 2·k·8 columns) and row_top_k
+def test_top_weighted_columns_unsorted_takes_the_same_set(n_columns):
+    gen = torch.Generator().manual_seed(2)
+    pre = torch.randn(50, 3000, generator=gen)
+    columns = torch.randperm(3000, generator=gen)[:n_columns].sort().values
+    w = torch.rand(n_columns, generator=gen)
+    got = base.top_weighted_columns(pre, columns, w, 40, sort=False)
+    expected = base.top_weighted_columns(pre, columns, w, 40)
+    assert torch.equal(got.sort(1).values, expected.sort(1).values)

@@ -555,7 +555,7 @@ def auxiliary_reconstruction_loss(
     else:
         first = priority[candidates] if priority is not None else None
         if first is None or not bool(first.any()):
-            indices = top_weighted_columns(pre.detach(), candidates, weights[candidates], k_aux, signed)
+            indices = top_weighted_columns(pre.detach(), candidates, weights[candidates], k_aux, signed, sort=False)
         elif int(first.sum()) >= k_aux:  # only priority candidates take slots, ranked by their own u
             firsts = candidates[first]
             indices = top_weighted_columns(pre.detach(), firsts, weights.new_ones(firsts.numel()), k_aux, signed)
@@ -579,7 +579,8 @@ TOP_COLUMNS_ROWS = 256
 
 @torch.no_grad()
 def top_weighted_columns(
-    pre: torch.Tensor, columns: torch.Tensor, column_weights: torch.Tensor, k: int, signed: bool = False
+    pre: torch.Tensor, columns: torch.Tensor, column_weights: torch.Tensor, k: int, signed: bool = False,
+    sort: bool = True,
 ) -> torch.Tensor:
     """[B, k] indices (into pre's columns, best first) of each row's k largest ``weight · u`` (``weight ·
     |u|`` when signed) over ``columns`` (more than k of them).
@@ -588,6 +589,8 @@ def top_weighted_columns(
     taken), without its cost where thousands of columns are candidates (aux_zipf: every under-used
     latent): blocks of rows, so the gathered score is never [B, candidates] at once, and
     ``row_top_k``'s group maxima, with the columns padded by −inf to a multiple of the group.
+    ``sort=False``: each row's k in any order (AuxK sums them): where the groups do not pay (fewer
+    than 2·k·8 columns) an unsorted ``topk``, ~25 % cheaper than the sorted one on CPU.
     """
     group = 8
     n = columns.numel()
@@ -602,7 +605,11 @@ def top_weighted_columns(
             score.abs_()
         score.mul_(padded_weights)
         score[:, n:] = float("-inf")
-        out[start:start + score.shape[0]] = padded[row_top_k(score, k, group=group, min_width=2)[1]]
+        if not sort and (pre.is_cuda or padded.numel() < 2 * k * group):
+            chosen = score.topk(k, dim=1, sorted=False).indices
+        else:
+            chosen = row_top_k(score, k, group=group, min_width=2)[1]
+        out[start:start + score.shape[0]] = padded[chosen]
     return out
 
 
