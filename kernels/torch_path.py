@@ -194,7 +194,7 @@ ROW_TOP_K_GROUP = 16
 
 
 def row_top_k(
-    score: torch.Tensor, k: int, group: int = ROW_TOP_K_GROUP, min_width: int = 4
+    score: torch.Tensor, k: int, group: int = ROW_TOP_K_GROUP, min_width: int = 4, sort: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``score.topk(k, dim=1)`` (values, indices; sorted descending) of a [B, F] matrix, faster on CPU.
 
@@ -206,16 +206,17 @@ def row_top_k(
     k·G entries only. The same values as ``topk``; among equal values another index may be chosen.
     Falls back to ``topk`` where the groups do not pay or do not fit (F not a multiple of G, F <
     ``min_width``·k·G, a non-contiguous score, CUDA, whose topk is fast). A large k (AuxK's k_aux,
-    hundreds) pays with fewer groups: ``group=8, min_width=2``.
+    hundreds) pays with fewer groups: ``group=8, min_width=2``. ``sort=False``: each row's k in any
+    order (a sum over them needs no order), which saves topk's final sort (~25 % of it on CPU).
     """
     batch, n = score.shape
     if score.is_cuda or not score.is_contiguous() or n % group or n < min_width * k * group or k < 1:
-        return score.topk(k, dim=1)
+        return score.topk(k, dim=1, sorted=sort)
     width = n // group
     groups = score.view(batch, group, width)  # groups[b, m, g] = score[b, m·width + g]
     best = groups.amax(1).topk(k, dim=1, sorted=False).indices  # [B, k] group ids
     candidates = groups.gather(2, best[:, None, :].expand(batch, group, k)).view(batch, group * k)
-    values, position = candidates.topk(k, dim=1)
+    values, position = candidates.topk(k, dim=1, sorted=sort)
     indices = best.gather(1, position % k) + (position // k) * width
     return values, indices
 

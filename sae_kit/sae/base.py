@@ -582,15 +582,14 @@ def top_weighted_columns(
     pre: torch.Tensor, columns: torch.Tensor, column_weights: torch.Tensor, k: int, signed: bool = False,
     sort: bool = True,
 ) -> torch.Tensor:
-    """[B, k] indices (into pre's columns, best first) of each row's k largest ``weight · u`` (``weight ·
+    """[B, k] indices (into pre's columns, best first unless ``sort=False``) of each row's k largest ``weight · u`` (``weight ·
     |u|`` when signed) over ``columns`` (more than k of them).
 
     The same choice as ``(pre[:, columns] * weights).topk(k)`` (among equal scores another index may be
     taken), without its cost where thousands of columns are candidates (aux_zipf: every under-used
     latent): blocks of rows, so the gathered score is never [B, candidates] at once, and
     ``row_top_k``'s group maxima, with the columns padded by −inf to a multiple of the group.
-    ``sort=False``: each row's k in any order (AuxK sums them): where the groups do not pay (fewer
-    than 2·k·8 columns) an unsorted ``topk``, ~25 % cheaper than the sorted one on CPU.
+    ``sort=False``: each row's k in any order (AuxK sums them; ``row_top_k`` then skips its sort).
     """
     group = 8
     n = columns.numel()
@@ -605,11 +604,7 @@ def top_weighted_columns(
             score.abs_()
         score.mul_(padded_weights)
         score[:, n:] = float("-inf")
-        if not sort and (pre.is_cuda or padded.numel() < 2 * k * group):
-            chosen = score.topk(k, dim=1, sorted=False).indices
-        else:
-            chosen = row_top_k(score, k, group=group, min_width=2)[1]
-        out[start:start + score.shape[0]] = padded[chosen]
+        out[start:start + score.shape[0]] = padded[row_top_k(score, k, group=group, min_width=2, sort=sort)[1]]
     return out
 
 
