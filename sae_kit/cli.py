@@ -205,6 +205,9 @@ def cmd_bench_synthetic(args) -> int:
 def cmd_bench_reproduce(args) -> int:
     from sae_kit.experiments.reproduce import rows_as_json, run_claims, write_outputs
 
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path and Path(path).is_dir():  # checked before the runs, not after minutes of training
+            raise ConfigError(f"{flag} {path} is a folder; give a file path, e.g. {Path(path) / 'reproduction.md'}")
     rows = run_claims(args.claim, quick=args.quick, seed=args.seed)
     for row in rows:
         print(f"{row['name']}: {row['verdict']} ({row['wall_s']} s)\n  paper: {row['paper_value']}\n  ours:  {row['ours']}")

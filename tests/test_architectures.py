@@ -722,7 +722,7 @@ def test_topafa_bounded_afa_loss_is_zero_inside_the_band() -> None:
 
 
 def test_topafa_select_targets_centred_input_norm_and_is_batch_independent() -> None:
-    sae = make_sae("topafa", d_in=16, d_sae=64)
+    sae = make_sae("topafa", d_in=16, d_sae=64, options={"rule": "nearest"})  # the paper's rule, brute-forced below
     assert sae.cfg.normalize_activations == "layer_norm"
     with torch.no_grad():
         sae.b_dec.copy_(0.2 * randn(16, seed=3))
@@ -739,7 +739,7 @@ def test_topafa_select_targets_centred_input_norm_and_is_batch_independent() -> 
 
 
 def test_topafa_encoder_bias_is_not_trained_and_afa_loss_present() -> None:
-    sae = make_sae("topafa", d_in=16, d_sae=64, dead_tokens_threshold=32)
+    sae = make_sae("topafa", d_in=16, d_sae=64, dead_tokens_threshold=32, options={"rule": "nearest"})
     assert "b_enc" not in dict(sae.named_parameters())
     assert all(p is not sae.b_enc for p in sae.trainable_parameters())
     x = randn(64, 16)

@@ -103,3 +103,9 @@ def test_bench_pareto_quick_runs_every_architecture_with_in_model_metrics(tmp_pa
     assert cli.main(argv) == 0
     again = [json.loads(line) for line in (out / "pareto.jsonl").read_text().splitlines()]
     assert again == rows
+
+
+def test_bench_reproduce_refuses_a_folder_as_its_output_before_running(tmp_path: Path, capsys) -> None:
+    assert cli.main(["bench", "reproduce", "--quick", "--claim", "abstopk_one_latent_per_signed_feature",
+                     "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

@@ -69,10 +69,12 @@ def offset_dataset(seed: int = 0) -> tuple[PlantedDataset, torch.Tensor]:
     return dataset, 4.0 * offset / offset.norm()  # ||offset|| 4 against ||signal|| ~1.7
 
 
-def test_topafa_does_not_collapse_when_the_data_mean_dominates() -> None:
+@pytest.mark.parametrize("rule", ["nearest", "bounded"])
+def test_topafa_does_not_collapse_when_the_data_mean_dominates(rule: str) -> None:
     dataset, offset = offset_dataset()
     torch.manual_seed(0)
-    sae = create_sae(SAEConfig(d_in=32, d_sae=128, architecture="topafa", dead_tokens_threshold=2048))
+    sae = create_sae(SAEConfig(d_in=32, d_sae=128, architecture="topafa", dead_tokens_threshold=2048,
+                               options={"rule": rule}))
     sample = planted_sampler(dataset, offset)
     x = sample(4096, 99)
     x_n, _ = sae.normalize(x)
@@ -83,6 +85,25 @@ def test_topafa_does_not_collapse_when_the_data_mean_dominates() -> None:
     l0, dead, fvu = inference_stats(sae, x)
     assert l0 > 2.0, f"collapsed to L0 {l0:.2f}"
     assert dead < 0.5 and fvu < 0.5, (dead, fvu)
+
+
+def test_topafa_default_rule_does_not_run_away_where_the_papers_rule_goes_dense() -> None:
+    # Random unit features in d=96 (not quasi-orthogonal enough for the point estimate ||f|| = ||x||):
+    # the paper's nearest rule fills the reconstruction shortfall with crosstalk (measured L0 148
+    # against a true 4.0); the default bounded rule stays near the true count (7.3).
+    dataset = make_dataset("sharkey", seed=2, d=96, n_features=192, mean_active=4.0)
+    sample = planted_sampler(dataset)
+    x, truth = dataset.sample(4096, torch.Generator().manual_seed(99))
+    true_l0 = float((truth != 0).sum(1).double().mean())
+    l0s = {}
+    for options in ({}, {"rule": "nearest"}):
+        torch.manual_seed(0)
+        sae = create_sae(SAEConfig(d_in=96, d_sae=384, architecture="topafa", dead_tokens_threshold=2048,
+                                   options=options))
+        train(sae, sample, steps=200)
+        l0s[options.get("rule", "default")], dead, _ = inference_stats(sae, x)
+        assert dead < 0.1, (options, dead)
+    assert l0s["nearest"] > 10 * true_l0 and l0s["default"] < 2.5 * true_l0, (l0s, true_l0)
 
 
 def zipf_set() -> PlantedDataset:
@@ -98,7 +119,7 @@ def test_topafa_noise_floor_keeps_l0_near_the_true_count_on_zipf_data() -> None:
     for floor in (0.0, 3.0):
         torch.manual_seed(0)
         sae = create_sae(SAEConfig(d_in=32, d_sae=192, architecture="topafa", dead_tokens_threshold=2048,
-                                   options={"noise_floor": floor}))
+                                   options={"noise_floor": floor, "rule": "nearest"}))
         train(sae, sample, steps=200)
         l0s[floor], dead, _ = inference_stats(sae, x)
     assert l0s[0.0] > 2 * true_l0  # the paper's rule fills the reconstruction shortfall with crosstalk
