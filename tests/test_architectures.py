@@ -879,7 +879,7 @@ def test_gba_tied_has_no_encoder_parameter_but_saves_w_enc(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------------------ ReLU
 def test_relu_codes_and_l1_scaling() -> None:
-    sae = make_sae("relu", options={"target_l0": 0})  # λ fixed: the classic L1 SAE
+    sae = make_sae("relu")
     with torch.no_grad():  # non-unit decoder rows: the penalty weighs each code by its row norm
         sae.W_dec.mul_(torch.linspace(0.5, 2.0, 64)[:, None])
     x = randn(32, 16)
@@ -889,7 +889,7 @@ def test_relu_codes_and_l1_scaling() -> None:
     expected = 0.1 * (pre.relu() * sae.W_dec.detach().norm(dim=1)).sum(1).mean() / 2.0
     torch.testing.assert_close(out1.parts["l1"], expected)
     assert out1.parts["l1"] > 0
-    sae3 = make_sae("relu", options={"l1_coefficient": 0.3, "target_l0": 0})
+    sae3 = make_sae("relu", options={"l1_coefficient": 0.3})
     sae3.load_state_dict(sae.state_dict())
     out3 = sae3.training_forward(x, input_variance=4.0)
     torch.testing.assert_close(out3.parts["l1"], 3 * out1.parts["l1"])

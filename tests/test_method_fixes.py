@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from sae_kit.config import ConfigError, SAEConfig
+from sae_kit.config import SAEConfig
 from sae_kit.eval.synthetic import BernoulliSparsity, PlantedDataset, make_dataset, random_unit_features
 from sae_kit.sae import create_sae
 
@@ -204,21 +204,6 @@ def test_relu_target_l0_controls_the_l1_coefficient() -> None:
         l0s[target] = inference_stats(sae, sample(2048, 99))[0]
     for target, l0 in l0s.items():
         assert target / 2 <= l0 <= 2 * target, l0s
-
-
-def test_relu_on_defaults_targets_the_runs_k_and_target_zero_keeps_lambda_fixed() -> None:
-    dataset = make_dataset("sharkey", seed=2, d=32, n_features=64, mean_active=4.0)
-    sample = planted_sampler(dataset)
-    torch.manual_seed(0)
-    steered = create_sae(SAEConfig(d_in=32, d_sae=128, architecture="relu", k=10))
-    train(steered, sample, steps=200)
-    assert 5.0 <= inference_stats(steered, sample(2048, 99))[0] <= 20.0
-    torch.manual_seed(0)
-    fixed = create_sae(SAEConfig(d_in=32, d_sae=128, architecture="relu", k=10, options={"target_l0": 0}))
-    train(fixed, sample, steps=50)
-    assert float(fixed.l1_scale) == 1.0 and float(steered.l1_scale) != 1.0
-    with pytest.raises(ConfigError, match="target_l0"):
-        create_sae(SAEConfig(d_in=32, d_sae=128, architecture="relu", options={"target_l0": 500}))
 
 
 def test_sparsity_settings_follow_the_interface() -> None:

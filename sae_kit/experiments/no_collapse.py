@@ -5,8 +5,8 @@ For each registered architecture, one short run on each planted set (``bench syn
 with its activations multiplied by 100), all with the architecture's defaults (only k is shared:
 the planted set's k, or 32 on real data). A run passes when fewer than 10 % of latents are dead on
 held-out rows and its mean L0 is within 2x of its target: k for the TopK family, the group targets'
-sum for GBA, ReLU's controlled mean L0 (the run's k by default), and for top-AFA (which has no
-target) the true mean L0 on planted sets and the TopK k on real data.
+sum for GBA, and for top-AFA and ReLU (which have no default target) the true mean L0 on planted
+sets and the TopK k on real data.
 
     python -m sae_kit.experiments.no_collapse --stores STORE... --scaled-store STORE --out docs/no_collapse.md
 """
@@ -52,8 +52,6 @@ def target_l0(sae, k: int, true_l0: float | None) -> float:
         return float(sae.group_targets().sum())
     if type(sae).uses_k:
         return float(k)
-    if getattr(sae, "l0_target", 0):  # a controlled mean-L0 target (ReLU: the run's k by default)
-        return float(sae.l0_target)
     return float(true_l0) if true_l0 is not None else float(k)
 
 
