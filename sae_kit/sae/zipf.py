@@ -70,6 +70,11 @@ class ZipfOptions:
     # small residual would otherwise pull a dying latent's u down, and it fires even less);
     # "full": the plain gradient, as for dead latents.
     alive_gradient: Literal["raise", "full"] = "raise"
+    # Deficit slots only: also pull a dying latent's pre-activation up to the inference threshold on
+    # the tokens it falls short on (a squared hinge on 1 − u/θ), so it fires there at inference and its
+    # density rises towards the Zipf tail density. The residual regression alone fits u to the (small)
+    # residual, which leaves it below θ: a rare latent that misses held-out rows (8. above).
+    lift_dying: bool = False
 
 
 class RaiseOnly(torch.autograd.Function):
@@ -191,15 +196,23 @@ class ZipfAuxMixin:
         indices, mask = self.deficit_slots(out.pre_activations.detach())
         if indices.shape[1] == 0:
             return out.x_n.new_zeros(())
-        pre = out.gather_pre(indices.contiguous())
-        if self.opts.alive_gradient == "raise":
-            alive = ~self.dead_mask()[indices]
-            pre = torch.where(alive, RaiseOnly.apply(pre), pre)
+        raw_pre = out.gather_pre(indices.contiguous())
+        alive = ~self.dead_mask()[indices]
+        pre = torch.where(alive, RaiseOnly.apply(raw_pre), raw_pre) if self.opts.alive_gradient == "raise" else raw_pre
         values = torch.where(mask, pre.relu(), 0)
         target = (out.x_n - out.x_hat_n).detach()
         estimate = sparse_decode(indices, values, self.W_dec)
         loss = mean_squared_error(estimate, target) / data_parallel.batch_variance(target)
+        if self.opts.lift_dying:
+            loss = loss + self.lift_loss(raw_pre, indices, mask & alive)
         return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+
+    def lift_loss(self, pre: torch.Tensor, indices: torch.Tensor, dying_slot: torch.Tensor) -> torch.Tensor:
+        """Mean squared hinge (1 − u/θ)₊² over the dying latents' deficit slots (θ: the inference threshold)."""
+        threshold = self.threshold.detach()[indices]
+        shortfall = (1 - pre / threshold.clamp_min(1e-12)).relu()
+        valid = dying_slot & (threshold > 0)  # no threshold observed yet: nothing to lift to
+        return torch.where(valid, shortfall, 0).pow(2).sum() / valid.sum().clamp_min(1)
 
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
         if not self.training:
