@@ -39,7 +39,9 @@ formula is not public; this is our reconstruction (documented as an engine appro
    that follows the Zipf law, so ``lift_dying`` (Mutual Choice's default) adds a squared hinge
    (1 − u/θ)₊² on the dying latents' deficit slots: on the tokens where a latent falls short of the
    tail density its u is pulled up to θ, where it fires, and the reconstruction loss then trains it
-   like any firing latent. It costs nothing per step beyond the deficit slots already gathered.
+   like any firing latent. "helps" (the default) lifts only where a fire at θ lowers the residual,
+   2⟨e, d_j⟩ > θ, so forced fires do not cost reconstruction ("all" cost up to 0.015 FVU on Sharkey).
+   It costs one d_in dot product per dying slot beyond the deficit slots already gathered.
    Results over seeds 0-2: docs/no_collapse.md, session 7.
 With w = 1[dead] this is exactly AuxK. The same profile sets Feature Choice's Zipf capacities.
 """
