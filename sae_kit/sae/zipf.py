@@ -40,7 +40,8 @@ formula is not public; this is our reconstruction (documented as an engine appro
    (1 − u/θ)₊² on the dying latents' deficit slots: on the tokens where a latent falls short of the
    tail density its u is pulled up to θ, where it fires, and the reconstruction loss then trains it
    like any firing latent. "helps" (the default) lifts only where a fire at θ lowers the residual,
-   2⟨e, d_j⟩ > θ, so forced fires do not cost reconstruction ("all" cost up to 0.015 FVU on Sharkey).
+   2⟨e, d_j⟩ > θ, so forced fires cost less reconstruction (FVU over "off", seed 0: Sharkey +0.002
+   against "all"'s +0.015; GBA's set +0.009-0.011 either way, where most latents are below the floor).
    It costs one d_in dot product per dying slot beyond the deficit slots already gathered.
    Results over seeds 0-2: docs/no_collapse.md, session 7.
 With w = 1[dead] this is exactly AuxK. The same profile sets Feature Choice's Zipf capacities.
