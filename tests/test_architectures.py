@@ -1237,3 +1237,21 @@ def test_aux_zipf_deficit_slots_give_dying_latents_their_shortfall_of_tokens() -
     # each dying latent takes its largest-u tokens (here the last rows)
     rows = mask.nonzero(as_tuple=True)[0]
     assert int(rows.min()) >= 32 - int(expected.max())
+
+
+@pytest.mark.parametrize("lift, sign, expected", [("all", 1.0, 0.25 / 2), ("helps", 1.0, 0.25), ("helps", -1.0, 0.0)])
+def test_lift_dying_pulls_u_up_to_the_threshold_where_a_fire_would_lower_the_residual(lift, sign, expected) -> None:
+    """Slot 0 (u = 0.5) sits below θ = 1, slot 1 (u = 2) above it; the residual lies along latent 0's
+    decoder row (sign 1: a fire at θ lowers the error, -1: it raises it)."""
+    sae = make_sae("mutual_choice", d_in=4, d_sae=4, k=1, options={"lift_dying": lift})
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.eye(4))
+        sae.threshold.fill_(1.0)
+    pre = torch.tensor([[0.5, 2.0]], requires_grad=True)
+    indices = torch.tensor([[0, 1]])
+    residual = sign * sae.W_dec[0:1].detach()
+    loss = sae.lift_loss(pre, indices, torch.ones_like(indices, dtype=torch.bool), residual)
+    assert loss.item() == pytest.approx(expected)
+    if expected:
+        loss.backward()
+        assert float(pre.grad[0, 0]) < 0 and float(pre.grad[0, 1]) == 0  # descent raises the low u only

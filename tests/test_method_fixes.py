@@ -236,8 +236,9 @@ def test_gba_groups_experiment_reports_each_group_within_2x_of_its_target(tmp_pa
 
 
 def test_mutual_choice_leaves_no_more_latents_unfired_than_topk_on_gba_imbalanced_data() -> None:
-    """The aux_zipf per-row slots pulled alive, rarely used latents down until they stopped firing on
-    held-out rows (docs/no_collapse.md, session 5); Mutual Choice's default deficit slots must not."""
+    """Mutual Choice's latents became rare rather than dead and missed held-out rows: the aux_zipf
+    per-row slots pulled them down (session 5), and without lifting dying latents to the inference
+    threshold 0.8 % stayed unfired against TopK's 0.6 % (session 7, docs/no_collapse.md)."""
     dataset = make_dataset("gba_imbalanced", seed=0)
     sample = planted_sampler(dataset)
     x = sample(16384, 99)
@@ -250,8 +251,8 @@ def test_mutual_choice_leaves_no_more_latents_unfired_than_topk_on_gba_imbalance
         train(sae, sample, steps=2500, lr=1e-3)
         l0, dead[name], _ = inference_stats(sae, x)
         assert 6 <= l0 <= 24, (name, l0)
-    assert dead["per_row"] > 2 * dead["default"], dead  # the defect this default removes
-    assert dead["default"] <= dead["topk"] + 0.005, dead
+    assert dead["per_row"] > dead["topk"] + 0.01, dead  # a rule that lets latents go rare fails the bound
+    assert dead["default"] <= dead["topk"], dead
 
 
 def test_gba_imbalanced_experiment_reports_every_group_and_the_recovery(capsys) -> None:

@@ -33,6 +33,17 @@ formula is not public; this is our reconstruction (documented as an engine appro
    left no latent dead with "per_row"; with "deficit" it has the same L0, FVU (within 0.01) and
    dead fraction (0-0.003) on the four sets at seeds 0-1, and its step costs 1.07x TopK's instead of
    2.20x (benchmarks/train_step.py), so both default to it.
+8. Session 7: the residual regression fits a dying latent's u to the residual, which is small, so u
+   stays below the inference threshold θ and the latent still fires once per ~10k tokens (84 % of
+   Mutual Choice's latents sat below the tail density on GBA's set). aux_zipf's aim is a density
+   that follows the Zipf law, so ``lift_dying`` (Mutual Choice's default) adds a squared hinge
+   (1 − u/θ)₊² on the dying latents' deficit slots: on the tokens where a latent falls short of the
+   tail density its u is pulled up to θ, where it fires, and the reconstruction loss then trains it
+   like any firing latent. "helps" (the default) lifts only where a fire at θ lowers the residual,
+   2⟨e, d_j⟩ > θ, so forced fires cost less reconstruction (FVU over "off", seed 0: Sharkey +0.002
+   against "all"'s +0.015; GBA's set +0.009-0.011 either way, where most latents are below the floor).
+   It costs one d_in dot product per dying slot beyond the deficit slots already gathered.
+   Results over seeds 0-2: docs/no_collapse.md, session 7.
 With w = 1[dead] this is exactly AuxK. The same profile sets Feature Choice's Zipf capacities.
 """
 from __future__ import annotations
@@ -70,6 +81,13 @@ class ZipfOptions:
     # small residual would otherwise pull a dying latent's u down, and it fires even less);
     # "full": the plain gradient, as for dead latents.
     alive_gradient: Literal["raise", "full"] = "raise"
+    # Deficit slots only: also pull a dying latent's pre-activation up to the inference threshold θ on
+    # the tokens it falls short on (a squared hinge on 1 − u/θ), so it fires there at inference and its
+    # density rises towards the Zipf tail density. The residual regression alone fits u to the (small)
+    # residual, which leaves it below θ: a rare latent that misses held-out rows (8. above).
+    # "helps": only on tokens where firing at θ would lower the reconstruction error, 2⟨e, d_j⟩ > θ
+    # (e the residual, d_j the unit decoder row); "all": on every deficit slot; "off": no lift.
+    lift_dying: Literal["off", "all", "helps"] = "off"
 
 
 class RaiseOnly(torch.autograd.Function):
@@ -191,15 +209,29 @@ class ZipfAuxMixin:
         indices, mask = self.deficit_slots(out.pre_activations.detach())
         if indices.shape[1] == 0:
             return out.x_n.new_zeros(())
-        pre = out.gather_pre(indices.contiguous())
-        if self.opts.alive_gradient == "raise":
-            alive = ~self.dead_mask()[indices]
-            pre = torch.where(alive, RaiseOnly.apply(pre), pre)
+        raw_pre = out.gather_pre(indices.contiguous())
+        alive = ~self.dead_mask()[indices]
+        pre = torch.where(alive, RaiseOnly.apply(raw_pre), raw_pre) if self.opts.alive_gradient == "raise" else raw_pre
         values = torch.where(mask, pre.relu(), 0)
         target = (out.x_n - out.x_hat_n).detach()
         estimate = sparse_decode(indices, values, self.W_dec)
         loss = mean_squared_error(estimate, target) / data_parallel.batch_variance(target)
+        if self.opts.lift_dying != "off":
+            loss = loss + self.lift_loss(raw_pre, indices, mask & alive, target)
         return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+
+    def lift_loss(self, pre: torch.Tensor, indices: torch.Tensor, dying_slot: torch.Tensor,
+                  residual: torch.Tensor) -> torch.Tensor:
+        """Mean squared hinge (1 − u/θ)₊² over the dying latents' deficit slots (θ: the inference
+        threshold), restricted with "helps" to the slots where a fire at θ lowers ||residual||²."""
+        threshold = self.threshold.detach()[indices]
+        valid = dying_slot & (threshold > 0)  # no threshold observed yet: nothing to lift to
+        if self.opts.lift_dying == "helps":
+            rows, slots = valid.nonzero(as_tuple=True)
+            alignment = (residual[rows] * self.W_dec.detach()[indices[rows, slots]]).sum(1)
+            valid[rows, slots] = 2 * alignment > threshold[rows, slots]
+        shortfall = (1 - pre / threshold.clamp_min(1e-12)).relu()
+        return torch.where(valid, shortfall, 0).pow(2).sum() / valid.sum().clamp_min(1)
 
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
         if not self.training:
