@@ -833,10 +833,12 @@ def test_gba_statistics_and_adaptation_schedule() -> None:
     assert (sae.b_enc < before).all()
 
 
-def test_gba_biases_stay_in_range_over_many_adaptations() -> None:
-    # The paper's rule (constant steps, raise dead neurons only); large steps reach both clamps.
+@pytest.mark.parametrize("bias_ceiling,ceiling", [("zero", 0.0), ("data_scale", 1.0)])
+def test_gba_biases_stay_in_range_over_many_adaptations(bias_ceiling: str, ceiling: float) -> None:
+    # The paper's rule (constant steps, raise dead neurons only); large steps reach both clamps. Without
+    # init_from_data the floor is −1, so the data-scale ceiling is +1 and "zero" is the paper's [−1, 0].
     opts = {"groups": 4, "adapt_every": 1, "gamma_up": 5.0, "gamma_down": 1.5, "step_growth": 1.0, "raise_below": 0.0,
-            "max_step": 10.0}
+            "max_step": 10.0, "bias_ceiling": bias_ceiling}
     sae = make_sae("gba", d_in=16, d_sae=32, options=opts)
     g = torch.Generator().manual_seed(123)
     optimizer = torch.optim.Adam(sae.trainable_parameters(), lr=1e-2)
@@ -850,10 +852,10 @@ def test_gba_biases_stay_in_range_over_many_adaptations() -> None:
         optimizer.step()
         previous = sae.b_enc.clone()
         sae.after_optimizer_step()
-        assert sae.b_enc.min() >= -1.0 and sae.b_enc.max() <= 0.0
+        assert sae.b_enc.min() >= -1.0 and sae.b_enc.max() <= ceiling
         hit_floor |= bool((sae.b_enc == -1.0).any())
         rose |= bool((sae.b_enc > previous).any())
-        hit_ceiling |= bool(((previous < 0) & (sae.b_enc == 0.0)).any())
+        hit_ceiling |= bool(((previous < ceiling) & (sae.b_enc == ceiling)).any())
     assert hit_floor and hit_ceiling and rose  # both clamps were exercised
 
 
