@@ -789,8 +789,10 @@ def test_gba_group_targets_are_geometric_from_high_to_low() -> None:
     assert torch.all(single == 0.1)
 
 
-def test_gba_adaptation_hand_made_buffer() -> None:
-    opts = {"groups": 2, "high_frequency": 0.1, "low_frequency": 0.001, "gamma_up": 0.1, "gamma_down": 0.05}
+@pytest.mark.parametrize("bias_ceiling,raised_past_zero", [("zero", 0.0), ("data_scale", -0.05 + 0.1 * 2.25)])
+def test_gba_adaptation_hand_made_buffer(bias_ceiling: str, raised_past_zero: float) -> None:
+    opts = {"groups": 2, "high_frequency": 0.1, "low_frequency": 0.001, "gamma_up": 0.1, "gamma_down": 0.05,
+            "bias_ceiling": bias_ceiling}
     sae = make_sae("gba", d_in=4, d_sae=8, options=opts)
     # group 0 = neurons 0-3 (target 0.1), group 1 = neurons 4-7 (target 0.001); 1000 tokens seen
     sae.b_enc.copy_(torch.tensor([-0.3, -0.95, -0.5, -0.2, -0.05, -0.4, 0.0, -0.9]))
@@ -804,7 +806,7 @@ def test_gba_adaptation_hand_made_buffer() -> None:
             -1.0,  # over-active, clamped at -1 (-0.95 - 0.15)
             -0.5 + 0.1 * 2.0,  # dead: up by gamma_up * mean r of group 0's firing neurons (2, 3, 1)
             -0.2,  # in range: unchanged
-            0.0,  # dead, clamped at 0 (-0.05 + 0.1 * 2.25)
+            raised_past_zero,  # dead, -0.05 + 0.1 * 2.25: the paper clamps it at 0, the ceiling R = 1 does not
             -0.4,  # frequency 5e-4: below target, above dead_frequency: unchanged
             0.0 - 0.05 * 0.5,  # over-active (2e-3 > 1e-3)
             -0.9 + 0.1 * 2.25,  # dead: group 1's firing neurons have r = 4, 0.5
