@@ -30,10 +30,11 @@ defaults therefore change three things, each of which can be switched back to th
   paper has [−1, 0]. Since |y0_m| ≤ R, the floor can silence any neuron and the ceiling can make any
   neuron fire on every input, whatever the activations' scale and wherever w_m points; with
   unit-normed inputs R ≤ 2, close to the paper's 1. The paper's ceiling 0 cannot raise a neuron
-  whose y0_m stays below 0 on nearly every input, and in wide SAEs (16× d_in and more) tied neurons
-  get there and stay, since a neuron that does not fire gets no gradient (measured on the planted
-  imbalanced set at width 1024: groups 3–9 ended with mean y0 ≈ −0.08, 99th percentile < 0, biases
-  pinned at 0 and firing at 0.08–0.4× their targets; docs/method-fixes.md). A positive bias
+  whose y0_m stays below 0 on nearly every input, and in wide SAEs tied neurons get there and stay,
+  since a neuron that does not fire gets no gradient (measured on the planted imbalanced set at
+  width 1024 = 4× d_in with groups 0.5..0.001: groups 3–9 ended with mean y0 ≈ −0.08, 99th
+  percentile < 0, biases pinned at 0 and firing at 0.08–0.4× their targets; and at 16× d_in on a
+  32-d set; docs/method-fixes.md). A positive bias
   opens the gate for y0 in (−b, 0], where the output a·y0 is negative (the JumpReLU form is kept);
   SAELens' JumpReLU keeps only positive outputs, so such an SAE is refused by the SAELens export.
   ``bias_ceiling="zero"`` is the paper's ceiling.
