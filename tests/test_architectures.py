@@ -816,6 +816,22 @@ def test_gba_adaptation_hand_made_buffer(bias_ceiling: str, raised_past_zero: fl
     assert sae.active_count.sum() == 0 and sae.peak_pre_activation.sum() == 0 and sae.tokens_observed == 0
 
 
+def test_gba_step_multiplier_stops_where_the_step_is_capped() -> None:
+    """A neuron that keeps moving down must not grow its multiplier past max_step / γ (it reached
+    10^170 in a 3000-step run): the first reversal then halves its step."""
+    opts = {"groups": 1, "adapt_every": 1, "gamma_up": 0.01, "gamma_down": 0.01, "max_step": 0.5}
+    sae = make_sae("gba", d_in=4, d_sae=2, options=opts)
+    for _ in range(30):  # over-active every time: 50 firings in 100 tokens against a target of 0.1
+        sae.active_count.fill_(50.0)
+        sae.peak_pre_activation.fill_(1.0)
+        sae.tokens_observed.fill_(100)
+        sae.adapt_biases()
+    assert torch.equal(sae.step_scale, torch.full_like(sae.step_scale, 50.0))
+    sae.tokens_observed.fill_(100)  # silent over the next window: raised, a reversal
+    sae.adapt_biases()
+    assert torch.equal(sae.step_scale, torch.full_like(sae.step_scale, 25.0))
+
+
 def test_gba_statistics_and_adaptation_schedule() -> None:
     sae = make_sae("gba", d_in=16, d_sae=32, options={"groups": 4, "adapt_every": 3})
     x = randn(50, 16)

@@ -22,7 +22,8 @@ defaults therefore change three things, each of which can be switched back to th
   paper's all-at-once schedule;
 - multiplicative steps (Rprop-style, ``step_growth`` = 2): a neuron's step γ·s_m doubles each time
   it moves the same way as at its previous move and halves (down to γ) when it reverses, up to
-  γ·s_m ≤ ``max_step``; ``step_growth=1`` is the paper's constant γ;
+  γ·s_m ≤ ``max_step`` (s_m itself stops there, so a reversal shrinks the step at once);
+  ``step_growth=1`` is the paper's constant γ;
 - two-sided band: neurons firing below ``raise_below``·p_k (not only dead ones) are raised, so a
   group ends near its target instead of anywhere below it; ``raise_below=0`` is the paper's rule
   (only p_m < ``dead_frequency`` is raised);
@@ -255,6 +256,9 @@ class GBASAE(SAE):
         scale = self.step_scale
         scale = torch.where(same, scale * opts.step_growth, scale)
         scale = torch.where(reversed_, (scale / opts.step_growth).clamp_min(1.0), scale)
+        # Past max_step / γ the step is capped anyway; growing further would only make the halvings on
+        # reversals ineffective (seen at 10^170 on neurons that kept moving down).
+        scale = scale.clamp_max(opts.max_step / min(opts.gamma_up, opts.gamma_down))
         self.step_scale.copy_(scale)
         self.last_move.copy_(torch.where(moving, move, self.last_move))
         bias = self.b_enc.double()
