@@ -789,8 +789,10 @@ def test_gba_group_targets_are_geometric_from_high_to_low() -> None:
     assert torch.all(single == 0.1)
 
 
-def test_gba_adaptation_hand_made_buffer() -> None:
-    opts = {"groups": 2, "high_frequency": 0.1, "low_frequency": 0.001, "gamma_up": 0.1, "gamma_down": 0.05}
+@pytest.mark.parametrize("bias_ceiling,raised_past_zero", [("zero", 0.0), ("data_scale", -0.05 + 0.1 * 2.25)])
+def test_gba_adaptation_hand_made_buffer(bias_ceiling: str, raised_past_zero: float) -> None:
+    opts = {"groups": 2, "high_frequency": 0.1, "low_frequency": 0.001, "gamma_up": 0.1, "gamma_down": 0.05,
+            "bias_ceiling": bias_ceiling}
     sae = make_sae("gba", d_in=4, d_sae=8, options=opts)
     # group 0 = neurons 0-3 (target 0.1), group 1 = neurons 4-7 (target 0.001); 1000 tokens seen
     sae.b_enc.copy_(torch.tensor([-0.3, -0.95, -0.5, -0.2, -0.05, -0.4, 0.0, -0.9]))
@@ -804,7 +806,7 @@ def test_gba_adaptation_hand_made_buffer() -> None:
             -1.0,  # over-active, clamped at -1 (-0.95 - 0.15)
             -0.5 + 0.1 * 2.0,  # dead: up by gamma_up * mean r of group 0's firing neurons (2, 3, 1)
             -0.2,  # in range: unchanged
-            0.0,  # dead, clamped at 0 (-0.05 + 0.1 * 2.25)
+            raised_past_zero,  # dead, -0.05 + 0.1 * 2.25: the paper clamps it at 0, the ceiling R = 1 does not
             -0.4,  # frequency 5e-4: below target, above dead_frequency: unchanged
             0.0 - 0.05 * 0.5,  # over-active (2e-3 > 1e-3)
             -0.9 + 0.1 * 2.25,  # dead: group 1's firing neurons have r = 4, 0.5
@@ -812,6 +814,22 @@ def test_gba_adaptation_hand_made_buffer() -> None:
     )
     torch.testing.assert_close(sae.b_enc, expected)
     assert sae.active_count.sum() == 0 and sae.peak_pre_activation.sum() == 0 and sae.tokens_observed == 0
+
+
+def test_gba_step_multiplier_stops_where_the_step_is_capped() -> None:
+    """A neuron that keeps moving down must not grow its multiplier past max_step / γ (it reached
+    10^170 in a 3000-step run): the first reversal then halves its step."""
+    opts = {"groups": 1, "adapt_every": 1, "gamma_up": 0.01, "gamma_down": 0.01, "max_step": 0.5}
+    sae = make_sae("gba", d_in=4, d_sae=2, options=opts)
+    for _ in range(30):  # over-active every time: 50 firings in 100 tokens against a target of 0.1
+        sae.active_count.fill_(50.0)
+        sae.peak_pre_activation.fill_(1.0)
+        sae.tokens_observed.fill_(100)
+        sae.adapt_biases()
+    assert torch.equal(sae.step_scale, torch.full_like(sae.step_scale, 50.0))
+    sae.tokens_observed.fill_(100)  # silent over the next window: raised, a reversal
+    sae.adapt_biases()
+    assert torch.equal(sae.step_scale, torch.full_like(sae.step_scale, 25.0))
 
 
 def test_gba_statistics_and_adaptation_schedule() -> None:
@@ -833,10 +851,12 @@ def test_gba_statistics_and_adaptation_schedule() -> None:
     assert (sae.b_enc < before).all()
 
 
-def test_gba_biases_stay_in_range_over_many_adaptations() -> None:
-    # The paper's rule (constant steps, raise dead neurons only); large steps reach both clamps.
+@pytest.mark.parametrize("bias_ceiling,ceiling", [("zero", 0.0), ("data_scale", 1.0)])
+def test_gba_biases_stay_in_range_over_many_adaptations(bias_ceiling: str, ceiling: float) -> None:
+    # The paper's rule (constant steps, raise dead neurons only); large steps reach both clamps. Without
+    # init_from_data the floor is −1, so the data-scale ceiling is +1 and "zero" is the paper's [−1, 0].
     opts = {"groups": 4, "adapt_every": 1, "gamma_up": 5.0, "gamma_down": 1.5, "step_growth": 1.0, "raise_below": 0.0,
-            "max_step": 10.0}
+            "max_step": 10.0, "bias_ceiling": bias_ceiling}
     sae = make_sae("gba", d_in=16, d_sae=32, options=opts)
     g = torch.Generator().manual_seed(123)
     optimizer = torch.optim.Adam(sae.trainable_parameters(), lr=1e-2)
@@ -850,10 +870,10 @@ def test_gba_biases_stay_in_range_over_many_adaptations() -> None:
         optimizer.step()
         previous = sae.b_enc.clone()
         sae.after_optimizer_step()
-        assert sae.b_enc.min() >= -1.0 and sae.b_enc.max() <= 0.0
+        assert sae.b_enc.min() >= -1.0 and sae.b_enc.max() <= ceiling
         hit_floor |= bool((sae.b_enc == -1.0).any())
         rose |= bool((sae.b_enc > previous).any())
-        hit_ceiling |= bool(((previous < 0) & (sae.b_enc == 0.0)).any())
+        hit_ceiling |= bool(((previous < ceiling) & (sae.b_enc == ceiling)).any())
     assert hit_floor and hit_ceiling and rose  # both clamps were exercised
 
 

@@ -112,6 +112,16 @@ def test_inexpressible_exports_are_refused(tmp_path, architecture, options, norm
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_gba_with_a_positive_bias_is_refused_by_the_saelens_export(tmp_path):
+    """A positive bias (GBA's data-scale ceiling) lets y0 in (−b, 0] through with a negative output, which
+    SAELens' relu(u)·1[u > θ] would drop."""
+    sae = make_sae("gba")
+    with torch.no_grad():
+        sae.b_enc[3] = 0.05
+    with pytest.raises(FormatError, match="positive biases"):
+        export_sae(sae, tmp_path / "out", "saelens")
+
+
 def saelens_sae(architecture: str, seed: int = 0, **cfg):
     torch.manual_seed(seed)
     sae = sae_lens.SAE.from_dict({"architecture": architecture, "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32",

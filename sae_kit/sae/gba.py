@@ -22,13 +22,23 @@ defaults therefore change three things, each of which can be switched back to th
   paper's all-at-once schedule;
 - multiplicative steps (Rprop-style, ``step_growth`` = 2): a neuron's step γ·s_m doubles each time
   it moves the same way as at its previous move and halves (down to γ) when it reverses, up to
-  γ·s_m ≤ ``max_step``; ``step_growth=1`` is the paper's constant γ;
+  γ·s_m ≤ ``max_step`` (s_m itself stops there, so a reversal shrinks the step at once);
+  ``step_growth=1`` is the paper's constant γ;
 - two-sided band: neurons firing below ``raise_below``·p_k (not only dead ones) are raised, so a
   group ends near its target instead of anywhere below it; ``raise_below=0`` is the paper's rule
   (only p_m < ``dead_frequency`` is raised);
-- the bias floor is −R with R the largest ||x_n − b_pre|| of the initial data sample (any neuron
-  can then be silenced whatever the activations' scale); with unit-normed inputs R ≤ 2, close to
-  the paper's −1.
+- the bias range is [−R, R] with R the largest ||x_n − b_pre|| of the initial data sample, where the
+  paper has [−1, 0]. Since |y0_m| ≤ R, the floor can silence any neuron and the ceiling can make any
+  neuron fire on every input, whatever the activations' scale and wherever w_m points; with
+  unit-normed inputs R ≤ 2, close to the paper's 1. The paper's ceiling 0 cannot raise a neuron
+  whose y0_m stays below 0 on nearly every input, and in wide SAEs tied neurons get there and stay,
+  since a neuron that does not fire gets no gradient (measured on the planted imbalanced set at
+  width 1024 = 4× d_in with groups 0.5..0.001: groups 3–9 ended with mean y0 ≈ −0.08, 99th
+  percentile < 0, biases pinned at 0 and firing at 0.08–0.4× their targets; and at 16× d_in on a
+  32-d set; docs/method-fixes.md). A positive bias
+  opens the gate for y0 in (−b, 0], where the output a·y0 is negative (the JumpReLU form is kept);
+  SAELens' JumpReLU keeps only positive outputs, so such an SAE is refused by the SAELens export.
+  ``bias_ceiling="zero"`` is the paper's ceiling.
 Other choices where the paper is unverified (documented in methods.md §6):
 - frequencies and peaks are accumulated over every token since the last adaptation, instead of a
   fixed buffer of pre-activations (same statistics, no [buffer, d_sae] tensor);
@@ -44,6 +54,7 @@ b_enc holds the biases b_m (a buffer, outside the optimizer).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -67,6 +78,7 @@ class GBAOptions:
     max_step: float = 0.5
     raise_below: float = 0.5  # 0.0: the paper's rule (raise dead neurons only)
     dead_frequency: float = 1e-6
+    bias_ceiling: Literal["data_scale", "zero"] = "data_scale"  # "zero": the paper's min(b + γ₊·r̄, 0)
     target_l0: float | None = None
     tied: bool = True
 
@@ -92,6 +104,13 @@ class GBASAE(SAE):
         if not bool((scale > 0).all()):
             raise NotExportable("SAELens' JumpReLU cannot express a GBA SAE with a non-positive latent scale "
                                 f"({int((scale <= 0).sum())} latents)")
+        positive = int((self.b_enc > 0).sum())
+        if positive:
+            # SAELens computes relu(u)·1[u > θ]; a positive bias gives θ < 0 and outputs a·y0 < 0 for
+            # y0 in (−b, 0], which the relu would drop.
+            raise NotExportable(f"SAELens' JumpReLU cannot express a GBA SAE with positive biases ({positive} latents "
+                                "fire below y0 = 0 with negative outputs); train with options "
+                                "{\"bias_ceiling\": \"zero\"} (the paper's range) to export it")
         tensors["W_enc"] = tensors["W_enc"] * scale
         tensors["threshold"] = -self.b_enc.detach() * scale
         tensors["b_enc"] = torch.zeros_like(self.b_enc)
@@ -157,6 +176,10 @@ class GBASAE(SAE):
         if self.opts.tied:
             tensors["W_enc"] = self.W_dec.detach().T.contiguous()
         return tensors
+
+    def highest_bias(self) -> torch.Tensor:
+        """The highest bias the rule may set: R (= −floor, see the module doc) or the paper's 0."""
+        return -self.bias_floor if self.opts.bias_ceiling == "data_scale" else torch.zeros_like(self.bias_floor)
 
     def group_targets(self) -> torch.Tensor:
         """Target firing frequency of each neuron's group, geometric from high to low."""
@@ -233,13 +256,16 @@ class GBASAE(SAE):
         scale = self.step_scale
         scale = torch.where(same, scale * opts.step_growth, scale)
         scale = torch.where(reversed_, (scale / opts.step_growth).clamp_min(1.0), scale)
+        # Past max_step / γ the step is capped anyway; growing further would only make the halvings on
+        # reversals ineffective (seen at 10^170 on neurons that kept moving down).
+        scale = scale.clamp_max(opts.max_step / min(opts.gamma_up, opts.gamma_down))
         self.step_scale.copy_(scale)
         self.last_move.copy_(torch.where(moving, move, self.last_move))
         bias = self.b_enc.double()
         down = (opts.gamma_down * scale).clamp_max(opts.max_step) * peak
         up = (opts.gamma_up * scale).clamp_max(opts.max_step) * group_mean_peak
         bias = torch.where(over, torch.maximum(bias - down, self.bias_floor), bias)
-        bias = torch.where(dead, (bias + up).clamp_max(0.0), bias)
+        bias = torch.where(dead, torch.minimum(bias + up, self.highest_bias()), bias)
         self.b_enc.copy_(bias.to(self.dtype_))
         self.active_count.masked_fill_(due, 0)
         self.peak_pre_activation.masked_fill_(due, 0)
