@@ -129,6 +129,9 @@ class GBASAE(SAE):
             raise ConfigError(f"gba adapt_every must be >= 1, got {opts.adapt_every}")
         if opts.adapt_tokens is not None and opts.adapt_tokens < 1:
             raise ConfigError(f"gba adapt_tokens must be >= 1, got {opts.adapt_tokens}")
+        for name in ("gamma_up", "gamma_down", "max_step"):
+            if getattr(opts, name) < 0:
+                raise ConfigError(f"gba {name} must be >= 0, got {getattr(opts, name)}")
         if opts.step_growth < 1:
             raise ConfigError(f"gba step_growth must be >= 1 (1 = the paper's constant step), got {opts.step_growth}")
         if not 0 <= opts.raise_below <= 1:
@@ -258,7 +261,8 @@ class GBASAE(SAE):
         scale = torch.where(reversed_, (scale / opts.step_growth).clamp_min(1.0), scale)
         # Past max_step / γ the step is capped anyway; growing further would only make the halvings on
         # reversals ineffective (seen at 10^170 on neurons that kept moving down).
-        scale = scale.clamp_max(opts.max_step / min(opts.gamma_up, opts.gamma_down))
+        smallest_gamma = min((g for g in (opts.gamma_up, opts.gamma_down) if g > 0), default=opts.max_step)
+        scale = scale.clamp_max(opts.max_step / smallest_gamma)
         self.step_scale.copy_(scale)
         self.last_move.copy_(torch.where(moving, move, self.last_move))
         bias = self.b_enc.double()
