@@ -289,12 +289,17 @@ class SAE(nn.Module):
         x_n, _ = self.normalize(x)
         target_n = target.to(self.dtype_) if self.is_transcoder else x_n
         if self.sparse_training:
-            x_c = self.encoder_input(x_n)
             W_enc = self.encoder_weight()
+            if self.is_transcoder or x_n.requires_grad:
+                x_c, gather_bias = self.encoder_input(x_n), self.b_enc
+            else:
+                with torch.no_grad():
+                    x_c = self.encoder_input(x_n)
+                gather_bias = with_input_shift_gradient(self.b_enc, self.b_dec, W_enc)
             pre = dense_pre_activations(x_c, W_enc, self.b_enc, out=self.pre_activation_buffer(x.shape[0]))
 
             def gather_pre(indices: torch.Tensor) -> torch.Tensor:
-                return gather_pre_activations(x_c, W_enc, self.b_enc, pre, indices)
+                return gather_pre_activations(x_c, W_enc, gather_bias, pre, indices)
 
             with torch.no_grad():
                 selected = self.select(pre, x_n)
@@ -571,6 +576,18 @@ def auxiliary_reconstruction_loss(
     baseline = data_parallel.batch_variance(target)
     loss = mean_squared_error(estimate, target) / baseline
     return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+
+
+def with_input_shift_gradient(bias: torch.Tensor, shift: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
+    """``bias`` (the same values) whose gradient g also reaches ``shift`` as ``−W_enc @ g``.
+
+    With u = (x − shift) @ W_enc + bias and x constant, ∂L/∂shift = −W_enc @ Σ_b ∂L/∂u[b] and
+    Σ_b ∂L/∂u[b] is ∂L/∂bias: so the gathers can take x − shift without autograd and skip the
+    [B, d] input gradient (an embedding_bag over every gathered slot, AuxK's hundreds per token)
+    for one [d, F] matrix-vector product. W_enc's own gradient still sees x − shift in full.
+    """
+    route = shift @ W_enc.detach()
+    return bias - (route - route.detach())  # route − route.detach() is exactly 0; only its gradient counts
 
 
 # Rows per block of top_weighted_columns: a [rows, candidates] score stays in cache.
