@@ -22,7 +22,9 @@ per row: GBA and ReLU early in training) the backward goes through dense product
 """
 from __future__ import annotations
 
+import threading
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,26 +49,84 @@ def densify(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor
     return values.new_zeros(indices.shape[0], n).scatter_add(1, indices, values)
 
 
-def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+def csr_index_dtype(*sizes: int) -> torch.dtype:
+    """int32 where every index fits: MKL's CSR kernels (LP64) take int32 and convert int64 indices
+    on every product, and int32 keys also sort faster."""
+    return torch.int32 if max(sizes) < 2**31 else torch.int64
+
+
+@dataclass
+class LatentMajorSlots:
+    """A [B, K] index matrix's slots sorted by latent (stable, so each latent's tokens stay in order):
+    the CSR structure of ``scatter_rows``' [n, B] matrix, without its values."""
+
+    crow: torch.Tensor  # [n + 1] each latent's first sorted slot
+    tokens: torch.Tensor  # [B·K] each sorted slot's token (the CSR column)
+    order: torch.Tensor  # [B·K] each sorted slot's position in the flattened [B, K]
+
+
+def latent_major_slots(indices: torch.Tensor, n: int) -> LatentMajorSlots:
+    batch, k = indices.shape
+    index_dtype = csr_index_dtype(n + 1, batch * k + 1)
+    keys, order = torch.sort(indices.reshape(-1).to(index_dtype), stable=True)
+    crow = torch.zeros(n + 1, dtype=index_dtype, device=indices.device)
+    crow[1:] = torch.bincount(keys, minlength=n).cumsum(0)
+    tokens = torch.div(order, k, rounding_mode="floor").to(index_dtype)
+    return LatentMajorSlots(crow, tokens, order)
+
+
+# This thread's (indices, its version when sorted, n, slots), each kept until the end of the
+# backward pass that sorted it; an entry holds its indices, so no other tensor takes their memory.
+_sorted_in_backward = threading.local()
+
+
+def shared_latent_major_slots(indices: torch.Tensor, n: int) -> LatentMajorSlots:
+    """``latent_major_slots``, sorted once per index matrix within one backward pass: a decode and
+    the gather of its values backpropagate through the same indices (the codes', AuxK's), and each
+    needs the sort of its B·K slots. Call only from a backward."""
+    memo = _sorted_in_backward.__dict__.setdefault("entries", [])
+    for known, version, known_n, slots in memo:
+        if known_n == n and version == indices._version and _same_tensor(known, indices):
+            return slots
+    entry = (indices, indices._version, n, latent_major_slots(indices, n))
+
+    def forget() -> None:
+        memo[:] = [e for e in memo if e is not entry]
+
+    torch.autograd.Variable._execution_engine.queue_callback(forget)
+    memo.append(entry)
+    return entry[3]
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a is b or a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+def scatter_rows(
+    indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int,
+    slots: LatentMajorSlots | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``out[i] = Σ_{(b,j): indices[b,j] = i} weights[b, j] * rows[b]`` -> [n, d] (accumulation dtype).
 
-    The (b, j) slots are sorted by latent (stable, so each latent's rows stay in order) into a CSR
+    The (b, j) slots are sorted by latent (``slots``, when the caller already has them) into a CSR
     matrix S [n, B] and ``out = S @ rows``: per-latent accumulation with no [B*K, d] intermediate.
-    Repeated indices simply give repeated entries, which the product sums.
+    Repeated indices simply give repeated entries, which the product sums. ``out``: an [n, d]
+    tensor of the accumulation dtype to write into (any strides).
     """
     batch, k = indices.shape
     acc = _accum_dtype(rows.dtype)
-    flat = indices.reshape(-1)
-    keys, order = torch.sort(flat, stable=True)
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.bincount(keys, minlength=n).cumsum(0)
-    cols = torch.div(order, k, rounding_mode="floor")
+    if slots is None:
+        slots = latent_major_slots(indices, n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        S = torch.sparse_csr_tensor(crow, cols, weights.reshape(-1)[order].to(acc), (n, batch))
+        S = torch.sparse_csr_tensor(slots.crow, slots.tokens, weights.reshape(-1)[slots.order].to(acc), (n, batch),
+                                    check_invariants=False)
         # addmm into an uninitialised output with beta=0: ``S @ rows`` zero-fills its output and
         # copies MKL's result into it, two extra passes over [n, d] (~2.5x the product on CPU).
-        out = torch.empty(n, rows.shape[1], dtype=acc, device=rows.device)
+        if out is None:
+            out = torch.empty(n, rows.shape[1], dtype=acc, device=rows.device)
         return torch.addmm(out, S, rows.to(acc), beta=0.0, out=out)
 
 
@@ -82,10 +142,11 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -
     acc = _accum_dtype(table.dtype)
     if batch == 0 or k == 0:
         return torch.zeros(batch, k, dtype=acc, device=table.device)
-    crow = torch.arange(0, batch * k + 1, k, device=indices.device)
+    index_dtype = csr_index_dtype(batch * k + 1, table.shape[0])
+    crow = torch.arange(0, batch * k + 1, k, dtype=index_dtype, device=indices.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), torch.zeros(batch * k, dtype=acc, device=table.device),
+        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1).to(index_dtype), torch.zeros(batch * k, dtype=acc, device=table.device),
                                           (batch, table.shape[0]), check_invariants=False)
         out = torch.sparse.sampled_addmm(pattern, rows.to(acc), table.to(acc).T, beta=0.0)
     return out.values().view(batch, k)
@@ -114,7 +175,8 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_values = gather_dot(indices, weight, grad_out).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_weight = scatter_rows(indices, values, grad_out, weight.shape[0]).to(weight.dtype)
+            slots = shared_latent_major_slots(indices, weight.shape[0])
+            grad_weight = scatter_rows(indices, values, grad_out, weight.shape[0], slots).to(weight.dtype)
         return None, grad_values, grad_weight
 
 
@@ -174,8 +236,12 @@ class GatherPreActivations(torch.autograd.Function):
             grad_b = torch.zeros(n_latents, dtype=acc, device=g.device).index_add_(0, indices.reshape(-1), g.reshape(-1))
             grad_b = grad_b.to(ctx.b_enc_dtype)
         if need_W:
-            # [F, d] transposed: the same memory order as an encoder stored decoder-major (tied init).
-            grad_W = scatter_rows(indices, g, x_c, n_latents).to(W_enc.dtype).T
+            # [d, F] stored column-major, the memory order of an encoder stored decoder-major (tied
+            # init), and not a view, so autograd adds a second gather's gradient into it in place.
+            grad_W = torch.empty_strided((x_c.shape[1], n_latents), (1, x_c.shape[1]), dtype=acc, device=g.device)
+            slots = shared_latent_major_slots(indices, n_latents)
+            scatter_rows(indices, g, x_c, n_latents, slots, out=grad_W.T)
+            grad_W = grad_W.to(W_enc.dtype)
         if need_x:
             grad_x = embedding_sum(indices, W_enc.T.to(acc), g).to(x_c.dtype)
         return grad_x, grad_W, grad_b, None, None

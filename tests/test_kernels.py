@@ -333,6 +333,39 @@ def test_gather_pre_activations_backward_is_sparse_and_layout_preserving():
     assert W_enc.grad.stride() == W_enc.stride()  # no transposing copy for the optimizer
 
 
+def test_decode_and_gather_share_one_sort_per_backward(monkeypatch):
+    """AuxK's pattern: one index matrix gathered from u and decoded, and another beside it; the
+    backward sorts each distinct index matrix once, forgets the sorts when it ends, accumulates the
+    encoder gradients in place, and gives the reference's gradients."""
+    B, d, F, K = 40, 6, 300, 5
+    x_c, W_enc, b_enc, indices, _ = gather_case(B, d, F, K, repeat=True)
+    W_dec = torch.randn(F, d)
+    other = torch.randint(0, F, (B, K), generator=torch.Generator().manual_seed(5))
+    sorts = []
+    monkeypatch.setattr(torch_path, "latent_major_slots",
+                        lambda idx, n, sort=torch_path.latent_major_slots: sorts.append(idx) or sort(idx, n))
+
+    def grads_and_encoder_adds(backend):
+        params = [t.detach().clone().requires_grad_() for t in (x_c, W_enc.T.contiguous().T, b_enc, W_dec)]
+        pre = kernels.dense_pre_activations(*params[:3])
+        loss = 0
+        for idx in (indices, other, indices):
+            values = kernels.gather_pre_activations(*params[:3], pre, idx, backend=backend).relu()
+            loss = loss + kernels.sparse_decode(idx, values, params[3], backend=backend).pow(2).sum()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            loss.backward()
+        adds = [e.key for e in prof.events() if e.key in ("aten::add", "aten::add_") and e.input_shapes[0] == [d, F]]
+        return [p.grad for p in params], adds
+
+    expected, _ = grads_and_encoder_adds("reference")
+    sorts.clear()
+    actual, adds = grads_and_encoder_adds("torch")
+    assert len(sorts) == 2 and not torch_path._sorted_in_backward.entries
+    assert adds == ["aten::add_"] * 2  # the three encoder gradients add up in place
+    for a, e in zip(actual, expected):
+        assert_close(a, e.double(), 1e-5)
+
+
 def test_dense_pre_activations_into_feature_major_buffer():
     x_c, W_enc, b_enc, _, _ = gather_case(6, 4, 9, 1)
     buffer = torch.empty(9, 6).T  # [B, F] view of a contiguous [F, B] buffer
