@@ -121,8 +121,9 @@ def scatter_rows(
         slots = latent_major_slots(indices, n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        S = torch.sparse_csr_tensor(slots.crow, slots.tokens, weights.reshape(-1)[slots.order].to(acc), (n, batch),
-                                    check_invariants=False)
+        # index_select, not ``[slots.order]``: advanced indexing is ~4x slower on CPU.
+        sorted_weights = weights.reshape(-1).index_select(0, slots.order).to(acc)
+        S = torch.sparse_csr_tensor(slots.crow, slots.tokens, sorted_weights, (n, batch), check_invariants=False)
         # addmm into an uninitialised output with beta=0: ``S @ rows`` zero-fills its output and
         # copies MKL's result into it, two extra passes over [n, d] (~2.5x the product on CPU).
         if out is None:

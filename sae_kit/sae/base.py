@@ -621,7 +621,9 @@ def top_weighted_columns(
             score.abs_()
         score.mul_(padded_weights)
         score[:, n:] = float("-inf")
-        out[start:start + score.shape[0]] = padded[row_top_k(score, k, group=group, min_width=2, sort=sort)[1]]
+        positions = row_top_k(score, k, group=group, min_width=2, sort=sort)[1]
+        # index_select, not ``padded[positions]``: advanced indexing is ~4x slower on CPU.
+        out[start:start + score.shape[0]] = padded.index_select(0, positions.reshape(-1)).view_as(positions)
     return out
 
 
