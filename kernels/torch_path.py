@@ -37,6 +37,25 @@ SAMPLE_ROWS = 256
 SAMPLE_MARGIN = 1.25
 
 
+# Columns of d per pass of the sparse products on CPU. Every slot reads (or adds into) one d-long
+# row of a dense operand larger than a core's L2 (4096 x 768 fp32 is 12 MiB), so a pass over all of
+# d streams each row from L3 once per slot; a block of columns (4096 x 32 fp32: 512 KiB) stays in
+# L2 while the slots revisit it. Measured at B 4096, d 768, 1 thread, AuxK's 384 slots per token
+# (CPU ms, a loaded machine): scatter_rows 191 -> 141 at 32 columns, gather_dot 275 -> 172 and
+# embedding_sum 118 -> 79 at 64. Each output element sums the same terms in the same order, so
+# scatter_rows and embedding_sum give the same bits; gather_dot adds its dots block by block.
+SCATTER_COLUMN_BLOCK = 32
+GATHER_COLUMN_BLOCK = 64
+
+
+def column_blocks(d: int, width: int, device: torch.device) -> list[slice]:
+    """Slices of ``width`` columns covering d on CPU; one slice of all d elsewhere (a GPU's caches
+    and launch costs call for no blocking)."""
+    if device.type != "cpu":
+        width = max(d, 1)
+    return [slice(start, start + width) for start in range(0, d, width)]
+
+
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -128,7 +147,10 @@ def scatter_rows(
         # copies MKL's result into it, two extra passes over [n, d] (~2.5x the product on CPU).
         if out is None:
             out = torch.empty(n, rows.shape[1], dtype=acc, device=rows.device)
-        return torch.addmm(out, S, rows.to(acc), beta=0.0, out=out)
+        rows = rows.to(acc)
+        for block in column_blocks(rows.shape[1], SCATTER_COLUMN_BLOCK, rows.device):
+            torch.addmm(out[:, block], S, rows[:, block].contiguous(), beta=0.0, out=out[:, block])
+        return out
 
 
 def gather_dot(indices: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -149,13 +171,26 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1).to(index_dtype), torch.zeros(batch * k, dtype=acc, device=table.device),
                                           (batch, table.shape[0]), check_invariants=False)
-        out = torch.sparse.sampled_addmm(pattern, rows.to(acc), table.to(acc).T, beta=0.0)
-    return out.values().view(batch, k)
+        rows, table = rows.to(acc), table.to(acc)
+        out = None
+        for block in column_blocks(rows.shape[1], GATHER_COLUMN_BLOCK, rows.device):
+            dots = torch.sparse.sampled_addmm(pattern, rows[:, block], table[:, block].T, beta=0.0).values()
+            out = dots if out is None else out.add_(dots)
+    if out is None:  # d = 0
+        return torch.zeros(batch, k, dtype=acc, device=table.device)
+    return out.view(batch, k)
 
 
 def embedding_sum(indices: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``Σ_j weights[b, j] * table[indices[b, j]]`` -> [B, d] in ``table``'s dtype."""
-    return F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+    weights = weights.to(table.dtype)
+    blocks = column_blocks(table.shape[1], GATHER_COLUMN_BLOCK, table.device)
+    if len(blocks) <= 1:
+        return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+    out = torch.empty(indices.shape[0], table.shape[1], dtype=table.dtype, device=table.device)
+    for block in blocks:
+        out[:, block] = F.embedding_bag(indices, table[:, block], per_sample_weights=weights, mode="sum")
+    return out
 
 
 # The Functions separate forward from setup_context so torch.func transforms (grad, vmap'd

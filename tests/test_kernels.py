@@ -160,6 +160,25 @@ def test_gather_dot_matches_dense(dtype):
     assert_close(out, expected, 1e-5 if dtype != torch.float64 else 1e-12)
 
 
+def test_column_blocks_give_the_whole_products(monkeypatch):
+    """d = 100 in blocks of 32 and 64 (the last one partial) against one pass over all columns:
+    scatter_rows and embedding_sum bit for bit, gather_dot up to the order of its sums."""
+    indices, values, weight, rows = make_codes(37, 7, 53, 100, repeat=True, padding=True)
+    values, weight, rows = values.float(), weight.float(), rows.float()
+
+    def products():
+        return (torch_path.scatter_rows(indices, values, rows, 53), torch_path.embedding_sum(indices, weight, values),
+                torch_path.gather_dot(indices, weight, rows))
+
+    blocked = products()
+    monkeypatch.setattr(torch_path, "SCATTER_COLUMN_BLOCK", 1000)
+    monkeypatch.setattr(torch_path, "GATHER_COLUMN_BLOCK", 1000)
+    whole = products()
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+    assert_close(blocked[2], (rows.double() @ weight.double().T).gather(1, indices), 1e-5)
+    assert_close(blocked[0], densify(indices, values.double(), 53).T @ rows.double(), 1e-5)
+
+
 def test_default_dispatch_on_cpu():
     indices, values, weight, grad = make_codes(8, 3, 50, 6)
     values, weight = values.float(), weight.float()
