@@ -172,13 +172,11 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -
         pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1).to(index_dtype), torch.zeros(batch * k, dtype=acc, device=table.device),
                                           (batch, table.shape[0]), check_invariants=False)
         rows, table = rows.to(acc), table.to(acc)
-        out = None
+        # Each block's dots added into the pattern's own (zero) values in place: a separate output
+        # would copy the pattern's B·K column indices per call.
         for block in column_blocks(rows.shape[1], GATHER_COLUMN_BLOCK, rows.device):
-            dots = torch.sparse.sampled_addmm(pattern, rows[:, block], table[:, block].T, beta=0.0).values()
-            out = dots if out is None else out.add_(dots)
-    if out is None:  # d = 0
-        return torch.zeros(batch, k, dtype=acc, device=table.device)
-    return out.view(batch, k)
+            torch.sparse.sampled_addmm(pattern, rows[:, block], table[:, block].T, beta=1.0, out=pattern)
+    return pattern.values().view(batch, k)
 
 
 def embedding_sum(indices: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
