@@ -338,14 +338,25 @@ def batch_top_entries(score: torch.Tensor, total: int, positive: bool = True) ->
     sample = score[:: max(1, batch // SAMPLE_ROWS)]
     rank = min(sample.numel(), int(SAMPLE_MARGIN * total * sample.numel() / score.numel()) + 16)
     threshold = sample.reshape(-1).topk(rank).values[-1]
+    def every_qualifying_entry() -> tuple[torch.Tensor, torch.Tensor]:
+        return (score > 0 if positive else torch.ones_like(score, dtype=torch.bool)).nonzero(as_tuple=True)
+
     if positive and threshold <= 0:
-        mask = score > 0
+        rows, cols = every_qualifying_entry()
     else:
-        mask = score >= threshold
-        if int(mask.count_nonzero()) < total:
-            mask = score > 0 if positive else torch.ones_like(mask)
-    rows, cols = mask.nonzero(as_tuple=True)
+        # Counted from the compaction itself: a count_nonzero first would be one more [B, F] pass.
+        rows, cols = (score >= threshold).nonzero(as_tuple=True)
+        if rows.numel() < total:
+            rows, cols = every_qualifying_entry()
     if rows.numel() > total:
-        keep = score[rows, cols].topk(total).indices.sort().values
+        keep = matrix_entries(score, rows, cols).topk(total).indices.sort().values
         rows, cols = rows[keep], cols[keep]
     return rows, cols
+
+
+def matrix_entries(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``matrix[rows, cols]`` (with autograd), through one flat index_select where ``matrix`` is
+    contiguous: advanced indexing computes two index streams and is ~2x slower on CPU."""
+    if not matrix.is_contiguous():
+        return matrix[rows, cols]
+    return matrix.reshape(-1).index_select(0, rows * matrix.shape[1] + cols)

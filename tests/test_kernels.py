@@ -436,6 +436,19 @@ def test_batch_top_entries_fallbacks(monkeypatch):
     assert empty[0].numel() == 0
 
 
+def test_matrix_entries_equals_advanced_indexing():
+    gen = torch.Generator().manual_seed(1)
+    rows, cols = torch.randint(0, 9, (40,), generator=gen), torch.randint(0, 13, (40,), generator=gen)
+    for matrix in (torch.randn(9, 13, generator=gen), torch.randn(13, 9, generator=gen).T):  # row- and feature-major
+        matrix.requires_grad_()
+        got = kernels.matrix_entries(matrix, rows, cols)
+        assert torch.equal(got, matrix[rows, cols])
+        weights = torch.randn(40, generator=gen)
+        (grad,) = torch.autograd.grad((got * weights).sum(), matrix)
+        (expected,) = torch.autograd.grad((matrix[rows, cols] * weights).sum(), matrix)
+        assert torch.equal(grad, expected)
+
+
 @pytest.mark.parametrize("B,F,k", [(64, 2048, 32), (33, 1024, 4), (8, 4096, 1), (5, 640, 8)])
 def test_row_top_k_equals_topk(B, F, k):
     gen = torch.Generator().manual_seed(F + k)

@@ -35,7 +35,8 @@ from sae_kit import data_parallel
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig, parse_options
 from sae_kit.fileio import atomic_write
-from sae_kit.kernels import batch_top_entries, dense_pre_activations, gather_pre_activations, row_top_k, sparse_decode
+from sae_kit.kernels import (batch_top_entries, dense_pre_activations, gather_pre_activations, matrix_entries, row_top_k,
+                             sparse_decode)
 
 class NotExportable(ConfigError):
     """Another library has no rule that computes this SAE's inference exactly."""
@@ -403,7 +404,7 @@ class SAE(nn.Module):
             rows, cols = ((score.detach() >= cutoff) & (score.detach() > 0)).nonzero(as_tuple=True)
         else:
             rows, cols = batch_top_entries(score.detach(), total)
-        smallest = score.detach()[rows, cols].min() if rows.numel() else score.new_tensor(float("inf"))
+        smallest = matrix_entries(score.detach(), rows, cols).min() if rows.numel() else score.new_tensor(float("inf"))
         smallest = data_parallel.all_min(smallest)
         if torch.isfinite(smallest):
             self.observe_threshold(smallest, self.opts.threshold_beta)
