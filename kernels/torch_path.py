@@ -345,13 +345,33 @@ def batch_top_entries(score: torch.Tensor, total: int, positive: bool = True) ->
         rows, cols = every_qualifying_entry()
     else:
         # Counted from the compaction itself: a count_nonzero first would be one more [B, F] pass.
-        rows, cols = (score >= threshold).nonzero(as_tuple=True)
+        rows, cols = entries_at_least(score, threshold)
         if rows.numel() < total:
             rows, cols = every_qualifying_entry()
     if rows.numel() > total:
         keep = matrix_entries(score, rows, cols).topk(total).indices.sort().values
         rows, cols = rows[keep], cols[keep]
     return rows, cols
+
+
+def entries_at_least(score: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of ``score >= threshold``, row-major, as ``nonzero`` gives them, without a [B, F]
+    mask on CPU: row_top_k's groups of ROW_TOP_K_GROUP strided columns, whose maxima (one
+    vectorised pass) mark the few groups holding an entry at or above the threshold; only their
+    members are compared. (A NaN entry hides its group's other entries, as in row_top_k.)"""
+    batch, n = score.shape
+    group = ROW_TOP_K_GROUP
+    if score.is_cuda or not score.is_contiguous() or n % group:
+        return (score >= threshold).nonzero(as_tuple=True)
+    width = n // group
+    group_rows, group_cols = (score.view(batch, group, width).amax(1) >= threshold).nonzero(as_tuple=True)
+    if group_rows.numel() * group * 4 > batch * n:  # most groups marked: their members cost more than the mask
+        return (score >= threshold).nonzero(as_tuple=True)
+    # Flat positions of each marked group's members: score[b, m·width + g] for m < group.
+    members = (group_rows * n + group_cols)[:, None] + torch.arange(0, n, width, device=score.device)
+    values = score.reshape(-1).index_select(0, members.reshape(-1)).view_as(members)
+    flat = members[values >= threshold].sort().values  # row-major, as nonzero's
+    return torch.div(flat, n, rounding_mode="floor"), flat % n
 
 
 def matrix_entries(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

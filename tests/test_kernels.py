@@ -406,7 +406,8 @@ def flat_top(score, total, positive=True):
     return mask.view_as(score).nonzero(as_tuple=True)
 
 
-@pytest.mark.parametrize("B,F,total", [(1, 1, 1), (7, 13, 5), (300, 97, 900), (1024, 64, 4096), (50, 40, 2000)])
+@pytest.mark.parametrize("B,F,total", [(1, 1, 1), (7, 13, 5), (300, 97, 900), (1024, 64, 4096), (50, 40, 2000),
+                                     (512, 1024, 500)])
 def test_batch_top_entries_equals_flat_topk(B, F, total):
     score = torch.randn(B, F, generator=torch.Generator().manual_seed(B))
     for positive in (True, False):
@@ -434,6 +435,16 @@ def test_batch_top_entries_fallbacks(monkeypatch):
     assert torch.equal(rows_t, exp[0]) and torch.equal(cols_t, exp[1])
     empty = kernels.batch_top_entries(score, 0)
     assert empty[0].numel() == 0
+
+
+def test_entries_at_least_equals_nonzero():
+    """The grouped candidate pass gives nonzero's coordinates, in its order, ties at the threshold included."""
+    gen = torch.Generator().manual_seed(2)
+    score = torch.randn(300, 512, generator=gen).round(decimals=1)  # many ties
+    for threshold in (2.5, 3.0, 10.0):
+        got = torch_path.entries_at_least(score, torch.tensor(threshold))
+        expected = (score >= threshold).nonzero(as_tuple=True)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def test_matrix_entries_equals_advanced_indexing():
