@@ -131,8 +131,8 @@ def scatter_rows(
 
     The (b, j) slots are sorted by latent (``slots``, when the caller already has them) into a CSR
     matrix S [n, B] and ``out = S @ rows``: per-latent accumulation with no [B*K, d] intermediate.
-    Repeated indices simply give repeated entries, which the product sums. ``out``: an [n, d]
-    tensor of the accumulation dtype to write into (any strides).
+    Repeated indices simply give repeated entries, which the product sums; slots of weight 0 are
+    left out. ``out``: an [n, d] tensor of the accumulation dtype to write into (any strides).
     """
     batch, k = indices.shape
     acc = _accum_dtype(rows.dtype)
@@ -142,7 +142,16 @@ def scatter_rows(
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         # index_select, not ``[slots.order]``: advanced indexing is ~4x slower on CPU.
         sorted_weights = weights.reshape(-1).index_select(0, slots.order).to(acc)
-        S = torch.sparse_csr_tensor(slots.crow, slots.tokens, sorted_weights, (n, batch), check_invariants=False)
+        crow, tokens = slots.crow, slots.tokens
+        nonzero = sorted_weights != 0
+        if not bool(nonzero.all()):
+            # Zero weights add nothing: the padding of variable-k codes (Mutual Choice's rows are
+            # padded to the longest, and every padding slot lands on latent 0), ReLU'd-off slots,
+            # zero gradients. Leaving them out of S is the same sum for finite rows.
+            kept_before = torch.zeros(nonzero.numel() + 1, dtype=crow.dtype, device=crow.device)
+            kept_before[1:] = nonzero.cumsum(0)
+            crow, tokens, sorted_weights = kept_before.index_select(0, crow), tokens[nonzero], sorted_weights[nonzero]
+        S = torch.sparse_csr_tensor(crow, tokens, sorted_weights, (n, batch), check_invariants=False)
         # addmm into an uninitialised output with beta=0: ``S @ rows`` zero-fills its output and
         # copies MKL's result into it, two extra passes over [n, d] (~2.5x the product on CPU).
         if out is None:
