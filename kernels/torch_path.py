@@ -347,6 +347,7 @@ def batch_top_entries(score: torch.Tensor, total: int, positive: bool = True) ->
     sample = score[:: max(1, batch // SAMPLE_ROWS)]
     rank = min(sample.numel(), int(SAMPLE_MARGIN * total * sample.numel() / score.numel()) + 16)
     threshold = sample.reshape(-1).topk(rank).values[-1]
+
     def every_qualifying_entry() -> tuple[torch.Tensor, torch.Tensor]:
         return (score > 0 if positive else torch.ones_like(score, dtype=torch.bool)).nonzero(as_tuple=True)
 

@@ -293,7 +293,7 @@ class SAE(nn.Module):
             W_enc = self.encoder_weight()
             if self.is_transcoder or x_n.requires_grad:
                 x_c, gather_bias = self.encoder_input(x_n), self.b_enc
-            else:
+            else:  # x_n is data: b_dec is all of x_c's gradient, and it can come through the bias
                 with torch.no_grad():
                     x_c = self.encoder_input(x_n)
                 gather_bias = with_input_shift_gradient(self.b_enc, self.b_dec, W_enc)
