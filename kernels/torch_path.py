@@ -97,6 +97,8 @@ def latent_major_slots(indices: torch.Tensor, n: int) -> LatentMajorSlots:
 # This thread's (indices, its version when sorted, n, slots), each kept until the end of the
 # backward pass that sorted it; an entry holds its indices, so no other tensor takes their memory.
 _sorted_in_backward = threading.local()
+# At most this many entries: a backward that raises never runs its end-of-pass callbacks.
+SORTED_IN_BACKWARD_MAX = 8
 
 
 def shared_latent_major_slots(indices: torch.Tensor, n: int) -> LatentMajorSlots:
@@ -113,6 +115,7 @@ def shared_latent_major_slots(indices: torch.Tensor, n: int) -> LatentMajorSlots
         memo[:] = [e for e in memo if e is not entry]
 
     torch.autograd.Variable._execution_engine.queue_callback(forget)
+    del memo[:-(SORTED_IN_BACKWARD_MAX - 1)]
     memo.append(entry)
     return entry[3]
 

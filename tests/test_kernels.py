@@ -385,6 +385,29 @@ def test_decode_and_gather_share_one_sort_per_backward(monkeypatch):
         assert_close(a, e.double(), 1e-5)
 
 
+def test_sorts_kept_in_backward_stay_bounded_when_backward_raises():
+    class SortsThenFails(torch.autograd.Function):
+        @staticmethod
+        def forward(x, indices):
+            return x.clone()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.indices = inputs[1]
+
+        @staticmethod
+        def backward(ctx, grad):
+            torch_path.shared_latent_major_slots(ctx.indices, 50)
+            raise RuntimeError("a failing backward")
+
+    for seed in range(2 * torch_path.SORTED_IN_BACKWARD_MAX):
+        indices = torch.randint(0, 50, (4, 3), generator=torch.Generator().manual_seed(seed))
+        with pytest.raises(RuntimeError, match="a failing backward"):
+            SortsThenFails.apply(torch.ones(2, requires_grad=True), indices).sum().backward()
+    assert len(torch_path._sorted_in_backward.entries) <= torch_path.SORTED_IN_BACKWARD_MAX
+    torch_path._sorted_in_backward.entries.clear()
+
+
 def test_dense_pre_activations_into_feature_major_buffer():
     x_c, W_enc, b_enc, _, _ = gather_case(6, 4, 9, 1)
     buffer = torch.empty(9, 6).T  # [B, F] view of a contiguous [F, B] buffer
