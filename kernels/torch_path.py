@@ -6,17 +6,20 @@ computed without autograd. Everything after the selection is sparse:
 
 * ``GatherPreActivations`` (``u[b, i[b, j]]`` with gradients): forward = ``u.gather``; backward from
   the [B, K] gradient g only: ``grad_W_enc^T = scatter_rows(i, g, x_c)`` (the k selected columns
-  per token), ``grad_b_enc = index_add(g)``, ``grad_x_c = embedding_bag(i, W_enc^T, g)``. Several
-  gathers from the same ``u`` (the code and AuxK's dead latents) each backpropagate their own slots.
+  per token), ``grad_b_enc = index_add(g)``, ``grad_x_c = embedding_bag(i, W_enc^T, g)`` (skipped
+  when x_c needs no gradient: the SAE routes b_dec's through the bias). Several gathers from the
+  same ``u`` (the code and AuxK's dead latents) each backpropagate their own slots.
 * ``SparseDecode`` (x̂[b] = Σ_j v[b,j] W[i[b,j]]): forward = ``F.embedding_bag(mode="sum")``;
   backward: ``grad_values`` by a sampled dense product on the codes' pattern (``gather_dot``), ``grad_W[e] = Σ_{(b,j): i[b,j]=e} v[b,j] g[b]`` by ``scatter_rows``.
 * ``batch_top_entries``: the ``total`` largest entries of a [B, F] score without sorting it: a
-  threshold from a sample of rows, one comparison pass, compaction, an exact top-k among the few
-  candidates.
+  threshold from a sample of rows, one pass of group maxima, compaction, an exact top-k among the
+  few candidates.
 
-``scatter_rows`` sorts the B·K slots by latent into a CSR matrix [F, B] and multiplies it with the
-dense rows (``torch.sparse`` CSR @ dense: 3-4x faster than ``index_add_`` on CPU at d=768, F=16384,
-k=32, and no [B·K, d] intermediate). Repeated indices add up; padding slots (value 0) add nothing.
+``scatter_rows`` sorts the B·K slots by latent into a CSR matrix [F, B] (once per index matrix and
+backward pass: a decode and its gather share the sort) and multiplies it with the dense rows
+(``torch.sparse`` CSR @ dense: 3-4x faster than ``index_add_`` on CPU at d=768, F=16384, k=32, and
+no [B·K, d] intermediate). Repeated indices add up; padding slots (value 0) are left out. The
+products run over blocks of d's columns on CPU (``SCATTER_COLUMN_BLOCK``, ``GATHER_COLUMN_BLOCK``).
 Half-precision inputs are accumulated in fp32 and cast back. When codes are dense (K ≥ F / 8 slots
 per row: GBA and ReLU early in training) the backward goes through dense products instead.
 """
