@@ -11,6 +11,7 @@ sparse. The entry points (one dispatch for all of them):
 * ``row_top_k(score, k)``: ``score.topk(k, dim=1)`` through group maxima (TopK's selection, CPU).
 * ``batch_top_entries(score, total)``: BatchTopK's / Mutual Choice's batch-level selection
   without sorting the [B, F] matrix (torch ops, on any device).
+* ``matrix_entries(matrix, rows, cols)``: ``matrix[rows, cols]``, faster on CPU.
 
 Backends (``backend=``):
 * ``"torch"`` (``kernels/torch_path.py``): embedding_bag, CSR products, index_add; the CPU default.
@@ -32,6 +33,7 @@ from .torch_path import (
     densify,
     gather_pre_activations_torch,
     is_dense,
+    matrix_entries,
     row_top_k,
     sparse_decode_torch,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "batch_top_entries",
     "dense_pre_activations",
     "gather_pre_activations",
+    "matrix_entries",
     "row_top_k",
     "sparse_decode",
     "topk_encode",

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sae_kit.kernels import matrix_entries
+
 
 @dataclass
 class SparseCodes:
@@ -84,7 +86,7 @@ class SparseCodes:
         width = max(int(counts.max().item()) if counts.numel() else 0, 1)
         slots = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
         indices = torch.zeros(batch, width, dtype=torch.int64, device=rows.device).index_put((rows, slots), cols)
-        values = source.new_zeros(batch, width).index_put((rows, slots), source[rows, cols])
+        values = source.new_zeros(batch, width).index_put((rows, slots), matrix_entries(source, rows, cols))
         return SparseCodes(indices, values, source.shape[1])
 
     @staticmethod

@@ -285,6 +285,13 @@ def test_decoder_gradient_projection_and_renormalisation() -> None:
     torch.testing.assert_close(sae.W_dec.detach(), directions)  # directions kept
 
 
+def test_row_dots_in_blocks_equal_the_row_sums() -> None:
+    from sae_kit.sae.base import ROW_DOTS_ROWS, row_dots
+
+    a, b = randn(2 * ROW_DOTS_ROWS + 37, 24, seed=1), randn(2 * ROW_DOTS_ROWS + 37, 24, seed=2)
+    torch.testing.assert_close(row_dots(a, b), (a.double() * b.double()).sum(1).float(), rtol=1e-6, atol=1e-6)
+
+
 def test_projection_also_applies_to_non_unit_rows() -> None:
     sae = make_sae("relu")
     with torch.no_grad():

@@ -160,6 +160,25 @@ def test_gather_dot_matches_dense(dtype):
     assert_close(out, expected, 1e-5 if dtype != torch.float64 else 1e-12)
 
 
+def test_column_blocks_give_the_whole_products(monkeypatch):
+    """d = 100 in blocks of 32 and 64 (the last one partial) against one pass over all columns:
+    scatter_rows and embedding_sum bit for bit, gather_dot up to the order of its sums."""
+    indices, values, weight, rows = make_codes(37, 7, 53, 100, repeat=True, padding=True)
+    values, weight, rows = values.float(), weight.float(), rows.float()
+
+    def products():
+        return (torch_path.scatter_rows(indices, values, rows, 53), torch_path.embedding_sum(indices, weight, values),
+                torch_path.gather_dot(indices, weight, rows))
+
+    blocked = products()
+    monkeypatch.setattr(torch_path, "SCATTER_COLUMN_BLOCK", 1000)
+    monkeypatch.setattr(torch_path, "GATHER_COLUMN_BLOCK", 1000)
+    whole = products()
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+    assert_close(blocked[2], (rows.double() @ weight.double().T).gather(1, indices), 1e-5)
+    assert_close(blocked[0], densify(indices, values.double(), 53).T @ rows.double(), 1e-5)
+
+
 def test_default_dispatch_on_cpu():
     indices, values, weight, grad = make_codes(8, 3, 50, 6)
     values, weight = values.float(), weight.float()
@@ -333,6 +352,62 @@ def test_gather_pre_activations_backward_is_sparse_and_layout_preserving():
     assert W_enc.grad.stride() == W_enc.stride()  # no transposing copy for the optimizer
 
 
+def test_decode_and_gather_share_one_sort_per_backward(monkeypatch):
+    """AuxK's pattern: one index matrix gathered from u and decoded, and another beside it; the
+    backward sorts each distinct index matrix once, forgets the sorts when it ends, accumulates the
+    encoder gradients in place, and gives the reference's gradients."""
+    B, d, F, K = 40, 6, 300, 5
+    x_c, W_enc, b_enc, indices, _ = gather_case(B, d, F, K, repeat=True)
+    W_dec = torch.randn(F, d)
+    other = torch.randint(0, F, (B, K), generator=torch.Generator().manual_seed(5))
+    sorts = []
+    monkeypatch.setattr(torch_path, "latent_major_slots",
+                        lambda idx, n, sort=torch_path.latent_major_slots: sorts.append(idx) or sort(idx, n))
+
+    def grads_and_encoder_adds(backend):
+        params = [t.detach().clone().requires_grad_() for t in (x_c, W_enc.T.contiguous().T, b_enc, W_dec)]
+        pre = kernels.dense_pre_activations(*params[:3])
+        loss = 0
+        for idx in (indices, other, indices):
+            values = kernels.gather_pre_activations(*params[:3], pre, idx, backend=backend).relu()
+            loss = loss + kernels.sparse_decode(idx, values, params[3], backend=backend).pow(2).sum()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            loss.backward()
+        adds = [e.key for e in prof.events() if e.key in ("aten::add", "aten::add_") and e.input_shapes[0] == [d, F]]
+        return [p.grad for p in params], adds
+
+    expected, _ = grads_and_encoder_adds("reference")
+    sorts.clear()
+    actual, adds = grads_and_encoder_adds("torch")
+    assert len(sorts) == 2 and not torch_path._sorted_in_backward.entries
+    assert adds == ["aten::add_"] * 2  # the three encoder gradients add up in place
+    for a, e in zip(actual, expected):
+        assert_close(a, e.double(), 1e-5)
+
+
+def test_sorts_kept_in_backward_stay_bounded_when_backward_raises():
+    class SortsThenFails(torch.autograd.Function):
+        @staticmethod
+        def forward(x, indices):
+            return x.clone()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.indices = inputs[1]
+
+        @staticmethod
+        def backward(ctx, grad):
+            torch_path.shared_latent_major_slots(ctx.indices, 50)
+            raise RuntimeError("a failing backward")
+
+    for seed in range(2 * torch_path.SORTED_IN_BACKWARD_MAX):
+        indices = torch.randint(0, 50, (4, 3), generator=torch.Generator().manual_seed(seed))
+        with pytest.raises(RuntimeError, match="a failing backward"):
+            SortsThenFails.apply(torch.ones(2, requires_grad=True), indices).sum().backward()
+    assert len(torch_path._sorted_in_backward.entries) <= torch_path.SORTED_IN_BACKWARD_MAX
+    torch_path._sorted_in_backward.entries.clear()
+
+
 def test_dense_pre_activations_into_feature_major_buffer():
     x_c, W_enc, b_enc, _, _ = gather_case(6, 4, 9, 1)
     buffer = torch.empty(9, 6).T  # [B, F] view of a contiguous [F, B] buffer
@@ -354,7 +429,8 @@ def flat_top(score, total, positive=True):
     return mask.view_as(score).nonzero(as_tuple=True)
 
 
-@pytest.mark.parametrize("B,F,total", [(1, 1, 1), (7, 13, 5), (300, 97, 900), (1024, 64, 4096), (50, 40, 2000)])
+@pytest.mark.parametrize("B,F,total", [(1, 1, 1), (7, 13, 5), (300, 97, 900), (1024, 64, 4096), (50, 40, 2000),
+                                     (512, 1024, 500)])
 def test_batch_top_entries_equals_flat_topk(B, F, total):
     score = torch.randn(B, F, generator=torch.Generator().manual_seed(B))
     for positive in (True, False):
@@ -382,6 +458,29 @@ def test_batch_top_entries_fallbacks(monkeypatch):
     assert torch.equal(rows_t, exp[0]) and torch.equal(cols_t, exp[1])
     empty = kernels.batch_top_entries(score, 0)
     assert empty[0].numel() == 0
+
+
+def test_entries_at_least_equals_nonzero():
+    """The grouped candidate pass gives nonzero's coordinates, in its order, ties at the threshold included."""
+    gen = torch.Generator().manual_seed(2)
+    score = torch.randn(300, 512, generator=gen).round(decimals=1)  # many ties
+    for threshold in (2.5, 3.0, 10.0):
+        got = torch_path.entries_at_least(score, torch.tensor(threshold))
+        expected = (score >= threshold).nonzero(as_tuple=True)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_matrix_entries_equals_advanced_indexing():
+    gen = torch.Generator().manual_seed(1)
+    rows, cols = torch.randint(0, 9, (40,), generator=gen), torch.randint(0, 13, (40,), generator=gen)
+    for matrix in (torch.randn(9, 13, generator=gen), torch.randn(13, 9, generator=gen).T):  # row- and feature-major
+        matrix.requires_grad_()
+        got = kernels.matrix_entries(matrix, rows, cols)
+        assert torch.equal(got, matrix[rows, cols])
+        weights = torch.randn(40, generator=gen)
+        (grad,) = torch.autograd.grad((got * weights).sum(), matrix)
+        (expected,) = torch.autograd.grad((matrix[rows, cols] * weights).sum(), matrix)
+        assert torch.equal(grad, expected)
 
 
 @pytest.mark.parametrize("B,F,k", [(64, 2048, 32), (33, 1024, 4), (8, 4096, 1), (5, 640, 8)])
