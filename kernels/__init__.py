@@ -115,11 +115,13 @@ def gather_pre_activations(
     pre: torch.Tensor,
     indices: torch.Tensor,
     backend: str | None = None,
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``pre.gather(1, indices)`` [B, K], differentiable in ``x_c`` [B, d], ``W_enc`` [d, F], ``b_enc`` [F].
 
     ``pre`` must be ``dense_pre_activations(x_c, W_enc, b_enc)`` (computed without autograd); the
-    backward never builds a dense [B, F] gradient unless the codes are dense.
+    backward never builds a dense [B, F] gradient unless the codes are dense. ``known``: those
+    values already gathered (no gradient); the torch path returns them instead of gathering again.
     """
     if indices.dim() != 2 or pre.dim() != 2 or indices.shape[0] != pre.shape[0]:
         raise ValueError(f"gather_pre_activations needs [B, K] indices for [B, F] pre-activations, got "
@@ -132,7 +134,7 @@ def gather_pre_activations(
         return gather_pre_activations_reference(x_c, W_enc, b_enc, indices)
     if chosen == "triton" and not is_dense(indices.shape[1], pre.shape[1]):
         return _triton().gather_pre_activations_triton(x_c, W_enc, b_enc, pre, indices)
-    return gather_pre_activations_torch(x_c, W_enc, b_enc, pre, indices)
+    return gather_pre_activations_torch(x_c, W_enc, b_enc, pre, indices, known)
 
 
 def topk_encode(

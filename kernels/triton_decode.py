@@ -189,7 +189,7 @@ class TritonGatherPreActivations(GatherPreActivations):
     @staticmethod
     def backward(ctx, grad_values):
         x_c, W_enc, indices = ctx.saved_tensors
-        need_x, need_W, need_b, _, _ = ctx.needs_input_grad
+        need_x, need_W, need_b = ctx.needs_input_grad[:3]
         g = grad_values.contiguous()
         table = W_enc.T.contiguous()  # [F, d]: the selected latents' encoder columns as rows
         grad_x = grad_W = grad_b = None
@@ -200,7 +200,7 @@ class TritonGatherPreActivations(GatherPreActivations):
         if need_b:
             grad_b = torch.zeros(W_enc.shape[1], dtype=torch.float32, device=g.device)
             grad_b = grad_b.index_add_(0, indices.reshape(-1), g.reshape(-1).float()).to(ctx.b_enc_dtype)
-        return grad_x, grad_W, grad_b, None, None
+        return grad_x, grad_W, grad_b, *([None] * (len(ctx.needs_input_grad) - 3))  # pre, indices, known
 
 
 def gather_pre_activations_triton(x_c, W_enc, b_enc, pre, indices) -> torch.Tensor:

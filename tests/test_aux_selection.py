@@ -42,7 +42,7 @@ def loss_and_grads(fn, seed, d_sae, k_aux, weights, priority, signed):
     W_dec = (torch.randn(d_sae, d, generator=gen) / d**0.5).requires_grad_()
     residual = torch.randn(B, d, generator=gen)
     pre = x @ W_enc + b_enc
-    loss = fn(pre, lambda idx: pre.gather(1, idx), residual, W_dec, weights, k_aux, signed, priority)
+    loss = fn(pre, lambda idx, known=None: pre.gather(1, idx), residual, W_dec, weights, k_aux, signed, priority)
     loss.backward()
     return loss.detach(), W_enc.grad, b_enc.grad, W_dec.grad
 
@@ -97,3 +97,27 @@ def test_top_weighted_columns_unsorted_takes_the_same_set(n_columns):
     got = base.top_weighted_columns(pre, columns, w, 40, sort=False)
     expected = base.top_weighted_columns(pre, columns, w, 40)
     assert torch.equal(got.sort(1).values, expected.sort(1).values)
+
+
+@pytest.mark.parametrize("target_grad", [False, True])
+def test_mean_squared_error_equals_mse_loss(target_grad):
+    """The squared error kept as one difference and a dot: mse_loss's value and gradients, also
+    through a retained graph taken twice (plugins take extra gradients with retain_graph)."""
+    gen = torch.Generator().manual_seed(5)
+    estimate = torch.randn(37, 11, generator=gen).requires_grad_()
+    target = torch.randn(37, 11, generator=gen).requires_grad_(target_grad)
+    inputs = [estimate, target] if target_grad else [estimate]
+    expected = torch.nn.functional.mse_loss(estimate, target, reduction="sum") / 37
+    expected_grads = torch.autograd.grad(expected, inputs)
+    got = mean_squared_error(estimate, target)
+    torch.testing.assert_close(got, expected)
+    for _ in range(2):
+        for a, b in zip(torch.autograd.grad(got, inputs, retain_graph=True), expected_grads):
+            torch.testing.assert_close(a, b)
+    half = mean_squared_error(estimate.bfloat16(), target.bfloat16())  # mse_loss's path
+    assert half.dtype == torch.bfloat16
+
+
+def test_batch_variance_equals_the_two_pass_spread():
+    t = torch.randn(300, 24, generator=torch.Generator().manual_seed(6)) * 3 + 5
+    torch.testing.assert_close(data_parallel.batch_variance(t), (t - t.mean(0)).pow(2).sum(1).mean())

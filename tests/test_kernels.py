@@ -483,7 +483,9 @@ def test_matrix_entries_equals_advanced_indexing():
         assert torch.equal(grad, expected)
 
 
-@pytest.mark.parametrize("B,F,k", [(64, 2048, 32), (33, 1024, 4), (8, 4096, 1), (5, 640, 8)])
+# (16, 4096, 8) and (6, 16384, 32): the group maxima are themselves selected by group maxima.
+@pytest.mark.parametrize("B,F,k", [(64, 2048, 32), (33, 1024, 4), (8, 4096, 1), (5, 640, 8), (16, 4096, 8),
+                                   (6, 16384, 32)])
 def test_row_top_k_equals_topk(B, F, k):
     gen = torch.Generator().manual_seed(F + k)
     # Planted structure: a few rows whose top entries all sit in one strided group, and large k's
@@ -496,6 +498,42 @@ def test_row_top_k_equals_topk(B, F, k):
     expected_values, expected_indices = score.topk(k, dim=1)
     assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
     assert torch.equal(score.gather(1, indices), values)
+
+
+def test_row_top_k_selects_many_group_maxima_by_their_own_groups(monkeypatch):
+    # TopK's shape (16384 latents, k 32): the 1024 group maxima per row go through row_top_k again.
+    calls = []
+    inner = torch_path.row_top_k
+
+    def counting(score, k, *args, **kwargs):
+        calls.append(score.shape[1])
+        return inner(score, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch_path, "row_top_k", counting)
+    score = torch.randn(6, 16384, generator=torch.Generator().manual_seed(3))
+    values, indices = torch_path.row_top_k(score, 32)
+    assert calls[:2] == [16384, 1024]
+    assert torch.equal(values, score.topk(32, dim=1).values) and torch.equal(score.gather(1, indices), values)
+
+
+def test_gather_pre_activations_known_values_give_the_same_values_and_gradients():
+    """AuxK hands the gather the values its selection already read from u: the same output and
+    gradients as gathering them, and wrong ones are refused."""
+    B, d, F, K = 24, 6, 200, 5
+    x_c, W_enc, b_enc, indices, grad = gather_case(B, d, F, K, repeat=False)
+    results = []
+    for known in (False, True):
+        params = [t.detach().clone().requires_grad_() for t in (x_c, W_enc, b_enc)]
+        pre = kernels.dense_pre_activations(*params)
+        values = pre.gather(1, indices) if known else None
+        out = kernels.gather_pre_activations(*params, pre, indices, known=values)
+        out.backward(grad)
+        results.append([out.detach()] + [p.grad for p in params])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    pre = kernels.dense_pre_activations(x_c, W_enc, b_enc)
+    with pytest.raises(ValueError, match="known values"):
+        kernels.gather_pre_activations(x_c, W_enc, b_enc, pre, indices, known=pre[:, :K + 1].clone())
 
 
 def test_row_top_k_ties_and_fallbacks():
