@@ -235,7 +235,7 @@ def test_auxiliary_reconstruction_loss_detaches_its_target() -> None:
     residual = randn(8, 4, seed=3).requires_grad_()
     W_dec = randn(10, 4, seed=4).requires_grad_()
     weights = torch.tensor([1.0, 0, 1, 0, 1, 1, 0, 0, 1, 1])
-    loss = auxiliary_reconstruction_loss(pre, lambda i: pre.gather(1, i), residual, W_dec, weights, k_aux=3)
+    loss = auxiliary_reconstruction_loss(pre, lambda i, known=None: pre.gather(1, i), residual, W_dec, weights, k_aux=3)
     loss.backward()
     assert residual.grad is None
     assert pre.grad[:, weights == 0].abs().sum() == 0
@@ -439,10 +439,10 @@ def test_aux_zipf_gives_dead_latents_the_first_slots() -> None:
     weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
     priority = torch.tensor([False, False, True, True, False])
     chosen = []
-    auxiliary_reconstruction_loss(pre, lambda i: chosen.append(i) or pre.gather(1, i), torch.ones(1, 3),
+    auxiliary_reconstruction_loss(pre, lambda i, known=None: chosen.append(i) or pre.gather(1, i), torch.ones(1, 3),
                                   torch.eye(5, 3), weights, k_aux=2, priority=priority)
     assert sorted(chosen[0][0].tolist()) == [2, 3]  # the dead pair, though alive ones have larger u
-    auxiliary_reconstruction_loss(pre, lambda i: chosen.append(i) or pre.gather(1, i), torch.ones(1, 3),
+    auxiliary_reconstruction_loss(pre, lambda i, known=None: chosen.append(i) or pre.gather(1, i), torch.ones(1, 3),
                                   torch.eye(5, 3), weights, k_aux=3, priority=priority)
     assert sorted(chosen[1][0].tolist()) == [0, 2, 3]  # then the best alive candidate
 
@@ -630,8 +630,8 @@ def test_abstopk_signed_auxk_uses_negative_values() -> None:
     pre_neg = -torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) - 0.5
     W = torch.eye(6)
     target = pre_neg.clone()
-    loss_signed = auxiliary_reconstruction_loss(pre_neg, lambda i: pre_neg.gather(1, i), target, W, torch.ones(6), 6, signed=True)
-    loss_relu = auxiliary_reconstruction_loss(pre_neg, lambda i: pre_neg.gather(1, i), target, W, torch.ones(6), 6, signed=False)
+    loss_signed = auxiliary_reconstruction_loss(pre_neg, lambda i, known=None: pre_neg.gather(1, i), target, W, torch.ones(6), 6, signed=True)
+    loss_relu = auxiliary_reconstruction_loss(pre_neg, lambda i, known=None: pre_neg.gather(1, i), target, W, torch.ones(6), 6, signed=False)
     assert loss_signed.item() < 1e-10  # negative values reproduce a negative target exactly
     assert loss_relu.item() > 0.5  # ReLU'd aux values are all zero
 
@@ -906,7 +906,7 @@ def test_gba_tied_has_no_encoder_parameter_but_saves_w_enc(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------------------ ReLU
 def test_relu_codes_and_l1_scaling() -> None:
-    sae = make_sae("relu")
+    sae = make_sae("relu", options={"target_l0": 0})  # fixed λ: the controller would move it
     with torch.no_grad():  # non-unit decoder rows: the penalty weighs each code by its row norm
         sae.W_dec.mul_(torch.linspace(0.5, 2.0, 64)[:, None])
     x = randn(32, 16)
@@ -916,7 +916,7 @@ def test_relu_codes_and_l1_scaling() -> None:
     expected = 0.1 * (pre.relu() * sae.W_dec.detach().norm(dim=1)).sum(1).mean() / 2.0
     torch.testing.assert_close(out1.parts["l1"], expected)
     assert out1.parts["l1"] > 0
-    sae3 = make_sae("relu", options={"l1_coefficient": 0.3})
+    sae3 = make_sae("relu", options={"l1_coefficient": 0.3, "target_l0": 0})
     sae3.load_state_dict(sae.state_dict())
     out3 = sae3.training_forward(x, input_variance=4.0)
     torch.testing.assert_close(out3.parts["l1"], 3 * out1.parts["l1"])

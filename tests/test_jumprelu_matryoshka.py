@@ -65,8 +65,8 @@ def _loss_and_grads(sae, x):
     return out, {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("options", [{}, {"sparsity_loss": "tanh"}, {"target_l0": 6}, {"ste_to_input": True},
-                                     {"pre_act_coefficient": 1e-2}])
+@pytest.mark.parametrize("options", [{}, {"target_l0": 0}, {"sparsity_loss": "tanh", "target_l0": 0}, {"target_l0": 6},
+                                     {"ste_to_input": True}, {"pre_act_coefficient": 1e-2}])
 def test_jumprelu_sparse_path_equals_dense_autograd(options) -> None:
     """The sparse step (mask selection, band entries gathered) gives the dense autograd's loss and gradients."""
     x = randn(48, 16)
@@ -107,7 +107,7 @@ def test_jumprelu_encoder_gets_no_gradient_from_latents_below_threshold() -> Non
 def test_threshold_moves_at_its_learning_rate_not_theta_times_lr() -> None:
     """SAELens #494/#718: under Adam θ must move by about lr_θ per step (a log-θ moves θ·lr)."""
     x = randn(256, 16, seed=3)
-    sae = make("jumprelu", sparsity_coefficient=10.0)  # a strong L0 push: θ only rises
+    sae = make("jumprelu", sparsity_coefficient=10.0, target_l0=0)  # a strong fixed L0 push: θ only rises
     sae.init_from_data(x)
     sae.train()
     groups = sae.parameter_groups()

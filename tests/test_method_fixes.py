@@ -5,6 +5,8 @@
 - top-AFA ran away (dense codes) on sparse Zipf data: the ``noise_floor`` option stops that.
 - GBA ended far from its group targets (L0 387 against ~114) in runs shorter than the paper's.
 - Scale invariance: multiplying the activations by 100 changes nothing that matters.
+- ReLU on defaults ran at 3-12x the true L0 (fixed λ); steered from b_enc = 0 it swung, and with
+  per-token unit-norm inputs it weighed a small token's error like a large one's (FVU 3x TopK's).
 """
 from __future__ import annotations
 
@@ -218,6 +220,39 @@ def test_relu_target_l0_controls_the_l1_coefficient() -> None:
         assert target / 2 <= l0 <= 2 * target, l0s
 
 
+def test_relu_default_lands_at_k_with_a_reconstruction_near_topk() -> None:
+    """A default ReLU (no options) at the run's k: L0 within 2x of k and FVU within 2x of TopK's, on
+    planted tokens whose norms vary 10x (as a residual stream's do). The old default (fixed λ = 0.1,
+    per-token unit norm) ran at several times k here."""
+    dataset = make_dataset("sharkey", seed=3, d=32, n_features=64, mean_active=4.0)
+    base = planted_sampler(dataset)
+
+    def sample(n: int, seed: int) -> torch.Tensor:
+        norms = torch.exp(torch.randn(n, 1, generator=torch.Generator().manual_seed(seed + 7)))
+        return base(n, seed) * norms
+
+    stats = {}
+    for architecture in ("relu", "topk"):
+        torch.manual_seed(0)
+        sae = create_sae(SAEConfig(d_in=32, d_sae=128, architecture=architecture, k=4))
+        train(sae, sample, steps=300)
+        stats[architecture] = inference_stats(sae, sample(4096, 99))
+    (l0, dead, fvu), (_, _, topk_fvu) = stats["relu"], stats["topk"]
+    assert 2 <= l0 <= 8 and dead < 0.1 and fvu <= 2 * topk_fvu, stats
+
+
+def test_relu_fixed_lambda_mode_stays_selectable() -> None:
+    sample = planted_sampler(make_dataset("sharkey", seed=2, d=32, n_features=64, mean_active=4.0))
+    sae = create_sae(SAEConfig(d_in=32, d_sae=128, architecture="relu", k=4, options={"target_l0": 0}))
+    sae.init_from_data(sample(4096, 0))
+    assert float(sae.b_enc.abs().max()) == 0.0  # no cut-off without a target
+    train(sae, sample, steps=20)
+    assert float(sae.l1_scale) == 1.0  # λ stays l1_coefficient
+    steered = create_sae(SAEConfig(d_in=32, d_sae=128, architecture="relu", k=4))
+    steered.init_from_data(sample(4096, 0))
+    assert float(steered.b_enc.max()) < 0  # the default starts each latent at its cut-off for k
+
+
 def test_sparsity_settings_follow_the_interface() -> None:
     from sae_kit.sae import ARCHITECTURES
 
@@ -279,3 +314,17 @@ def test_gba_imbalanced_experiment_reports_every_group_and_the_recovery(capsys) 
     assert abs(sum(g["target"] * g["latents"] for g in groups) - report["target_l0"]) < 0.05
     assert 0.0 <= report["frr@0.9"] <= report["frr@0.8"] <= 1.0
     assert len(report["missed_best_cos"]) == round(128 * (1 - report["frr@0.9"]))
+
+
+def test_jumprelu_default_steers_to_the_runs_k_and_fixed_lambda_stays_selectable() -> None:
+    """JumpReLU on defaults ran at the L0 its fixed λ made of the data (78 on Sharkey's set, k 5): the
+    default now steers to the run's k; ``target_l0 = 0`` keeps the paper's fixed λ·L0 penalty."""
+    sample = planted_sampler(make_dataset("sharkey", seed=2, d=32, n_features=64, mean_active=4.0))
+    l0s = {}
+    for label, options in (("default", {}), ("fixed", {"target_l0": 0})):
+        torch.manual_seed(0)
+        sae = create_sae(SAEConfig(d_in=32, d_sae=128, architecture="jumprelu", k=4, options=options))
+        train(sae, sample, steps=300)
+        l0s[label] = inference_stats(sae, sample(4096, 99))[0]
+    assert 2 <= l0s["default"] <= 8, l0s
+    assert l0s["fixed"] > 2 * l0s["default"], l0s  # the fixed λ lands elsewhere: the default is not a no-op

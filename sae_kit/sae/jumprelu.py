@@ -23,7 +23,11 @@ measures s, the median positive pre-activation of the initial sample, and by def
 ε = 0.1·s (``bandwidth``), θ₀ at the quantile giving L0 = ``target_l0`` (else s) and θ's learning
 rate to ``threshold_lr_scale``·s times the weights' (a parameter group of its own).
 
-Target L0 (``target_l0`` = N, CLI ``--target-l0 N``): the λ·L0 term becomes λ_t·L0_batch, with
+Target L0, the default: ``target_l0`` unset steers to the run's k (the budget every architecture of a
+run shares), ``target_l0 = N`` (CLI ``--target-l0 N``) to N, and ``target_l0 = 0`` is the paper's fixed
+λ·L0 penalty (``sparsity_coefficient``). Why the default: with the fixed λ = 1e-3 the L0 is whatever the
+data make of λ (78 on the Sharkey planted set whose k is 5; 64 against k = 32 on SmolLM2 blocks.6), as
+ReLU's fixed λ was (docs/method-fixes.md). With a target the λ·L0 term becomes λ_t·L0_batch, with
 L0_batch = mean_b Σ_i H(h_i − θ_i) through the step STE and λ_t set every step by a PI controller on the
 batch's L0 (dual ascent on the constraint L0 = N, with a proportional term for damping):
 
@@ -62,7 +66,8 @@ from sae_kit.sae.base import SAE, TrainingOutput, register
 class JumpReLUOptions:
     sparsity_loss: Literal["step", "tanh"] = "step"
     sparsity_coefficient: float = 1e-3  # λ (without a target)
-    target_l0: int = 0  # 0: the λ·L0 (or tanh) penalty; N > 0: λ set by the PI controller on L0 (module doc)
+    # None: steered to the run's k; 0: the λ·L0 (or tanh) penalty; N > 0: λ set by the PI controller on L0 (module doc)
+    target_l0: int | None = None
     target_coefficient: float = 1.0
     target_integral_gain: float = 0.02  # the controller's integral gain per step (see the module doc)
     target_integral_limit: float = 4.0  # |I| at most this (anti-windup)
@@ -132,10 +137,13 @@ class JumpReLUSAE(SAE):
         for name in ("sparsity_coefficient", "target_coefficient", "target_integral_gain", "target_integral_limit",
                      "bandwidth", "init_threshold", "threshold_lr_scale",
                      "tanh_scale", "pre_act_coefficient", "sparsity_warmup_steps", "target_l0"):
-            if getattr(o, name) < 0:
+            if getattr(o, name) is not None and getattr(o, name) < 0:
                 raise ConfigError(f"jumprelu option {name} must be >= 0, got {getattr(o, name)!r}")
-        if o.target_l0 > cfg.d_sae:
-            raise ConfigError(f"jumprelu option target_l0={o.target_l0} exceeds d_sae={cfg.d_sae}; choose 1..{cfg.d_sae}")
+        target = cfg.k if o.target_l0 is None else o.target_l0
+        if target > cfg.d_sae:
+            source = "target_l0" if o.target_l0 is not None else "k"  # unset target_l0 steers to the run's k
+            raise ConfigError(f"jumprelu target L0 {source}={target} exceeds d_sae={cfg.d_sae}; choose 1..{cfg.d_sae}, "
+                              "or target_l0=0 for the fixed λ penalty")
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -153,6 +161,11 @@ class JumpReLUSAE(SAE):
     @classmethod
     def sparsity_settings(cls, target_l0: int) -> dict[str, Any]:
         return {"options": {"target_l0": int(target_l0)}}
+
+    @property
+    def l0_target(self) -> int:
+        """The mean L0 the controller steers to (0: the fixed λ penalty instead)."""
+        return int(self.cfg.k if self.opts.target_l0 is None else self.opts.target_l0)
 
     def saelens_export(self, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
         """SAELens' jumprelu is the same rule, relu(u)·1[u > θ] with θ ≥ 0; θ (fp32 here) in the SAE's dtype."""
@@ -172,10 +185,10 @@ class JumpReLUSAE(SAE):
         self.bandwidth.fill_(o.bandwidth or 0.1 * float(scale))
         if o.init_threshold:
             theta = o.init_threshold
-        elif o.target_l0:
-            # The global cut-off that leaves target_l0 entries per row on the sample.
+        elif self.l0_target:
+            # The global cut-off that leaves l0_target entries per row on the sample.
             flat = pre.flatten()
-            keep = min(o.target_l0 * pre.shape[0], flat.numel())
+            keep = min(self.l0_target * pre.shape[0], flat.numel())
             theta = float(flat.kthvalue(flat.numel() - keep + 1).values) if keep else float(flat.max())
             theta = max(theta, 1e-3 * float(scale))
         else:
@@ -219,20 +232,20 @@ class JumpReLUSAE(SAE):
     def target_coefficient_now(self, l0: torch.Tensor) -> torch.Tensor:
         """λ_t of the target-L0 PI controller for a batch of mean L0 ``l0``; advances its integral."""
         o = self.opts
-        error = torch.log(l0.float().clamp_min(0.5) / o.target_l0).clamp(-1.0, 1.0)
+        error = torch.log(l0.float().clamp_min(0.5) / self.l0_target).clamp(-1.0, 1.0)
         self.l0_integral.add_(o.target_integral_gain * error).clamp_(-o.target_integral_limit, o.target_integral_limit)
-        return o.target_coefficient * (2 * (l0.float() / o.target_l0 - 1) + self.l0_integral)
+        return o.target_coefficient * (2 * (l0.float() / self.l0_target - 1) + self.l0_integral)
 
     def auxiliary_losses(self, out: TrainingOutput, input_variance) -> dict[str, torch.Tensor]:
         if not self.training:
             return {}
         o, codes = self.opts, out.codes
-        if o.target_l0 or o.sparsity_loss == "step":
+        if self.l0_target or o.sparsity_loss == "step":
             h = out.gather_pre(codes.indices) if o.ste_to_input else out.pre_activations.gather(1, codes.indices)
             theta = self.threshold[codes.indices].to(h.dtype)
             steps = StepFunction.apply(h, theta, float(self.bandwidth), o.ste_to_input)
             l0 = torch.where(self._real_slots, steps, 0).sum(1).mean()
-        if o.target_l0:
+        if self.l0_target:
             losses = {"sparsity": self.target_coefficient_now(l0.detach()) * l0}
         elif o.sparsity_loss == "step":
             losses = {"sparsity": self.current_coefficient() * l0}
