@@ -16,7 +16,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-NORMALIZATIONS = ("none", "unit_norm", "layer_norm")
+# mean_norm: every input divided by one constant, the mean input norm of the initial sample.
+NORMALIZATIONS = ("none", "unit_norm", "layer_norm", "mean_norm")
 DTYPES = ("float32", "float16", "bfloat16")
 # config.json of a training run: 1 = plugin options as the strings typed on the command line,
 # 2 = typed values and this key.

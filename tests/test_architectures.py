@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sae_kit.codes import SparseCodes
-from sae_kit.config import ConfigError
+from sae_kit.config import NORMALIZATIONS, ConfigError
 from sae_kit.sae import ARCHITECTURES, SAEConfig, create_sae, load_sae
 from sae_kit.sae.base import (
     CONFIG_FILE,
@@ -138,6 +138,27 @@ def test_pre_activations_subtract_b_dec_and_add_b_enc() -> None:
         moved.b_dec.add_(3.0)
     torch.testing.assert_close(moved.encode(x + 3.0).to_dense(), sae.encode(x).to_dense(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(moved(x + 3.0), sae(x) + 3.0, rtol=1e-5, atol=1e-5)
+
+
+def test_mean_norm_divides_by_the_samples_mean_norm_and_makes_codes_scale_free(tmp_path) -> None:
+    """``mean_norm``: one constant (the init sample's mean norm) for every token, so a token keeps its
+    relative norm, ×100 inputs give the same codes, and the constant is saved with the weights."""
+    x = randn(256, 16) * torch.linspace(0.2, 3.0, 256)[:, None]
+    sae = make_sae("topk", normalize_activations="mean_norm")
+    sae.init_from_data(x)
+    torch.testing.assert_close(sae.input_scale, x.norm(dim=1).mean())
+    x_n, norm = sae.normalize(x)
+    torch.testing.assert_close(x_n.norm(dim=1), x.norm(dim=1) / x.norm(dim=1).mean())  # not per-token unit norm
+    torch.testing.assert_close(norm.undo(x_n), x)
+    scaled = make_sae("topk", normalize_activations="mean_norm")
+    scaled.init_from_data(x * 100)
+    a, b = sae.encode(x), scaled.encode(x * 100)
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scaled(x * 100) / 100, sae(x), rtol=1e-4, atol=1e-5)
+    back = load_sae(sae.save(tmp_path / "sae"))
+    assert float(back.input_scale) == float(sae.input_scale)
+    assert "input_scale" not in make_sae("topk").state_dict()  # only this mode carries the constant
 
 
 def test_dead_latent_bookkeeping_counts_tokens_and_resets_on_fire() -> None:
@@ -979,7 +1000,7 @@ def test_saved_files_follow_saelens_layout(tmp_path, architecture) -> None:
         assert key in cfg, key
     assert (cfg["d_in"], cfg["d_sae"], cfg["architecture"], cfg["k"]) == (16, 48, architecture, 4)
     assert cfg["metadata"] == {"model_name": "toy"}
-    assert cfg["normalize_activations"] in ("none", "unit_norm", "layer_norm")
+    assert cfg["normalize_activations"] in NORMALIZATIONS
     tensors = load_file(str(tmp_path / WEIGHTS_FILE))
     assert tensors["W_enc"].shape == (16, 48)
     assert tensors["W_dec"].shape == (48, 16)

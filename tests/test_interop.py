@@ -41,6 +41,8 @@ def make_sae(architecture: str, seed: int = 0, **kwargs):
         if hasattr(sae, "threshold"):
             sae.threshold.uniform_(0.0, 0.3)
             sae.threshold_weight.fill_(0.7)
+        if hasattr(sae, "input_scale"):  # mean_norm's constant, as init_from_data would measure it
+            sae.input_scale.fill_(2.5)
         sae.tokens_since_fired.random_(0, 1000)
     return sae.eval()
 
@@ -59,7 +61,8 @@ def assert_same_sae(a, b):
 
 SAELENS_EXPORTS = [("topk", {}, "none"), ("relu", {}, "none"), ("abstopk", {}, "none"), ("batchtopk", {}, "none"),
                    ("mutual_choice", {}, "none"), ("feature_choice", {}, "none"), ("gba", {"tied": True}, "none"),
-                   ("gba", {"tied": False}, "none"), ("gba", {}, "unit_norm"), ("topk", {}, "unit_norm")]
+                   ("gba", {"tied": False}, "none"), ("gba", {}, "unit_norm"), ("topk", {}, "unit_norm"),
+                   ("relu", {}, "mean_norm"), ("topk", {}, "mean_norm")]
 
 
 @pytest.mark.parametrize("architecture,options,normalize", SAELENS_EXPORTS,
@@ -104,6 +107,7 @@ def test_changed_weights_beside_a_sidecar_are_converted_not_overridden(tmp_path)
     ("gba", {}, "none", "sparsify", "sparsify cannot express a 'gba'"),
     ("batchtopk", {}, "none", "sparsify", "sparsify cannot express"),
     ("topk", {}, "unit_norm", "sparsify", "no input normalisation"),
+    ("topk", {}, "mean_norm", "sparsify", "no input normalisation"),
 ])
 def test_inexpressible_exports_are_refused(tmp_path, architecture, options, normalize, fmt, message):
     sae = make_sae(architecture, options=options, normalize=normalize)

@@ -76,6 +76,9 @@ def export_config_and_tensors(sae: SAE) -> tuple[dict[str, Any], dict[str, torch
         # SAELens' constant_norm_rescale scales inputs to norm sqrt(d_in) where ours scales to 1.
         normalize = "constant_norm_rescale"
         base = rescale_normalized_space(base, 1 / math.sqrt(cfg.d_in))
+    elif cfg.normalize_activations == "mean_norm":
+        # SAELens sees the raw input: fold our one constant into the weights.
+        base = rescale_normalized_space(base, 1 / float(sae.input_scale))
     metadata = {**cfg.metadata, "sae_lens_version": FORMAT_VERSION}
     config = {"architecture": saelens_arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype,
               "device": "cpu", "apply_b_dec_to_input": not sae.is_transcoder, "normalize_activations": normalize,

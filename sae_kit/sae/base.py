@@ -7,7 +7,7 @@ its selection rule (``select``), its auxiliary losses (``auxiliary_losses``), it
 Conventions (SAELens-compatible): activations are row vectors, ``W_enc`` is [d_in, d_sae],
 ``W_dec`` is [d_sae, d_in] with unit-norm rows, and
 
-    x_n = normalize(x)                      (none / unit_norm / layer_norm, undone on decode)
+    x_n = normalize(x)                      (none / unit_norm / layer_norm / mean_norm, undone on decode)
     u   = (x_n - b_dec) @ W_enc + b_enc     (b_dec pre-subtraction)
     z   = select(u)                         (SparseCodes)
     x̂   = denormalize(z @ W_dec + b_dec)
@@ -134,6 +134,8 @@ class SAE(nn.Module):
             self.W_enc = nn.Parameter((W_enc / W_enc.norm(dim=0, keepdim=True)).to(self.dtype_))
         if self.is_transcoder:  # its decoder rows' norm (init_from_data), saved with the weights
             self.register_buffer("decoder_norm", torch.ones((), dtype=torch.float32))
+        if cfg.normalize_activations == "mean_norm":  # the constant inputs are divided by (init_from_data)
+            self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
         if cfg.skip_connection:  # zero-initialised (Paulo et al.), trained jointly
             self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in, dtype=self.dtype_))
         b_enc = torch.zeros(d_sae, dtype=self.dtype_)
@@ -221,6 +223,9 @@ class SAE(nn.Module):
             return x, Normalization()
         if mode == "unit_norm":
             scale = x.norm(dim=1, keepdim=True).clamp_min(UNIT_NORM_EPS)
+            return x / scale, Normalization(scale=scale)
+        if mode == "mean_norm":  # one constant for every token: a token still weighs by its norm²
+            scale = self.input_scale.to(x.dtype)
             return x / scale, Normalization(scale=scale)
         mean = x.mean(dim=1, keepdim=True)
         std = x.std(dim=1, keepdim=True, unbiased=False) + LAYER_NORM_EPS
@@ -416,8 +421,11 @@ class SAE(nn.Module):
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:
         """b_dec = geometric median of a data sample (Gao et al.), in normalised space; a transcoder's
-        b_dec is its target's median and b_enc = −mean(x)·W_enc centres the input (sparsify)."""
+        b_dec is its target's median and b_enc = −mean(x)·W_enc centres the input (sparsify).
+        ``mean_norm``'s constant is measured first, so everything after sees normalised inputs."""
         x, target = self.split_pair(sample)
+        if self.cfg.normalize_activations == "mean_norm":
+            self.input_scale.fill_(float(x.float().norm(dim=1).mean().clamp_min(1e-12)))
         x_n, _ = self.normalize(x)
         if self.is_transcoder:
             self.b_dec.copy_(geometric_median(target.float()).to(self.dtype_))

@@ -5,9 +5,9 @@ so λ is independent of the activations' scale (the reconstruction term is alrea
 
 Why the defaults are what they are (docs/method-fixes.md, "## ReLU", has the measurements):
 
-* Inputs are divided by one constant, their mean norm on the initial sample (``input_scale``;
-  SAELens' standard recipe scales to mean norm sqrt(d) the same way), not each token by its own
-  norm. Per-token unit norm weighs every token's error alike, but FVU, CE loss and the TopK family
+* Inputs are divided by one constant, their mean norm on the initial sample (the base's
+  ``mean_norm`` normalisation; SAELens' standard recipe scales to mean norm sqrt(d) the same way),
+  not each token by its own norm. Per-token unit norm weighs every token's error alike, but FVU, CE loss and the TopK family
   weigh a token by its norm²: on SmolLM2's residual stream a unit-normed ReLU at L0 32 had 3.3× TopK's
   FVU at 300k tokens, the constant scale 1.05×. A constant keeps the ×100 invariance: b_enc and b_dec
   live in the scaled space, so Adam's ~lr steps mean the same at any scale.
@@ -29,7 +29,7 @@ import torch
 
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig, parse_options
-from sae_kit.sae.base import SAE, Normalization, TrainingOutput, register
+from sae_kit.sae.base import SAE, TrainingOutput, register
 
 
 @dataclass
@@ -47,8 +47,8 @@ class ReluSAE(SAE):
     sparse_training = False
     uses_k = False
     Options = ReluOptions
-    # The constant input_scale below makes the SAE scale-free without per-token normalisation.
-    default_normalization = "none"
+    # One constant input scale makes the SAE scale-free without per-token normalisation (module doc).
+    default_normalization = "mean_norm"
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -64,8 +64,6 @@ class ReluSAE(SAE):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.register_buffer("l1_scale", torch.ones((), dtype=torch.float64))
-        # Inputs are divided by this (their mean norm, set by init_from_data; 1 for transcoders).
-        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
 
     @property
     def l0_target(self) -> float:
@@ -79,33 +77,10 @@ class ReluSAE(SAE):
         return {"options": {"target_l0": float(target_l0)}}
 
     def saelens_export(self, tensors):
-        # SAELens' "standard" sees the unscaled input: fold 1/input_scale into the weights.
-        if not self.is_transcoder:
-            from sae_kit.interop.common import rescale_normalized_space
-
-            tensors.update(rescale_normalized_space(tensors, 1.0 / float(self.input_scale)))
         return "standard", {}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
-        # SAEs saved before input_scale existed normalised per token (their cfg says unit_norm): scale 1.
-        if "input_scale" not in tensors:
-            tensors = {**tensors, "input_scale": torch.ones((), dtype=torch.float32)}
-        super().load_tensors(tensors, source)
-
-    # ----------------------------------------------------------- normalisation
-    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Normalization]:
-        x_n, norm = super().normalize(x)
-        if self.is_transcoder:  # the target is not rescaled, so neither is the input
-            return x_n, norm
-        c = self.input_scale.to(x_n.dtype)
-        return x_n / c, Normalization(shift=norm.shift, scale=norm.scale * c)
 
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:
-        if not self.is_transcoder:
-            self.input_scale.fill_(1.0)
-            x_n, _ = self.normalize(self.split_pair(sample)[0])
-            self.input_scale.fill_(float(x_n.float().norm(dim=1).mean().clamp_min(1e-12)))
         super().init_from_data(sample)
         target = self.l0_target
         if self.opts.init_at_target and target:
