@@ -9,6 +9,13 @@ sum for GBA, and for top-AFA and ReLU (which have no default target) the true me
 sets and the TopK k on real data.
 
     python -m sae_kit.experiments.no_collapse --stores STORE... --scaled-store STORE --out docs/no_collapse.md
+
+``--variants`` runs planted sets at sizes, seeds and input transforms the defaults were not tuned on
+(``VARIANTS``: other widths, feature counts, sparsities, a x100 scale and a large common offset), with
+TopK as the reference in every table. Where the dictionary is wider than the planted feature count,
+a run also passes on dead latents when it leaves no more dead than TopK on the same variant.
+
+    python -m sae_kit.experiments.no_collapse --variants all --seed 5 --out /tmp/variants.md
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,86 @@ from sae_kit.sae import ARCHITECTURES
 from sae_kit.train.trainer import TrainConfig, Trainer
 
 REAL_K = 32
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A planted set at sizes it was not tuned on: ``make_dataset(dataset, seed, **overrides)``."""
+
+    dataset: str
+    overrides: dict[str, Any]
+    d_sae: int
+    k: int
+    steps: int
+    scale: float = 1.0  # every activation multiplied by this
+    offset: float = 0.0  # a fixed random direction of this norm (x the mean sample norm) added to every sample
+
+
+VARIANTS: dict[str, Variant] = {
+    "zipf_d128": Variant("zipf", dict(d=128, n_features=800, mean_active=1.8, exponent=1.2), d_sae=1600, k=2, steps=800),
+    "sharkey_d128": Variant("sharkey", dict(d=128, n_features=256, mean_active=8.0), d_sae=512, k=8, steps=700),
+    "gba_2_12": Variant("gba_imbalanced", dict(d=64, n_features=256, active_counts=(2, 12)), d_sae=512, k=7, steps=1200),
+    "signed_d32": Variant("signed", dict(d=32, n_features=64, mean_active=3.0), d_sae=128, k=3, steps=800),
+    "sharkey_x100": Variant("sharkey", dict(d=64, n_features=256, mean_active=5.0), d_sae=512, k=5, steps=700, scale=100.0),
+    "sharkey_offset": Variant("sharkey", dict(d=64, n_features=256, mean_active=5.0), d_sae=512, k=5, steps=700, offset=10.0),
+}
+
+
+class OffsetSource:
+    """A batch source with one fixed vector added to every activation (a residual stream's large mean)."""
+
+    def __init__(self, source: Any, offset: torch.Tensor):
+        self.source, self.offset, self.d_in = source, offset, source.d_in
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.source, name)
+
+    def iter_batches(self, *args, **kwargs):
+        for batch in self.source.iter_batches(*args, **kwargs):
+            yield batch + self.offset.to(batch)
+
+    def sample(self, *args, **kwargs) -> torch.Tensor:
+        batch = self.source.sample(*args, **kwargs)
+        return batch + self.offset.to(batch)
+
+
+def variant_source(variant: Variant, seed: int) -> tuple[Any, Any]:
+    """``(dataset, source)`` for a variant: the planted set, then its scale and offset applied."""
+    dataset = make_dataset(variant.dataset, seed=seed, **variant.overrides)
+    source: Any = SyntheticSource(dataset)
+    if variant.offset:
+        x, _ = dataset.sample(4096, torch.Generator().manual_seed(seed))
+        direction = torch.randn(dataset.d, generator=torch.Generator().manual_seed(10_000 + seed))
+        source = OffsetSource(source, direction / direction.norm() * variant.offset * float(x.norm(dim=1).mean()))
+    if variant.scale != 1.0:
+        source = ScaledSource(source, variant.scale)
+    return dataset, source
+
+
+def run_variants(names: list[str], archs: list[str], *, seed: int, steps_scale: float = 1.0,
+                 options: dict[str, Any] | None = None, label: str = "") -> list[dict[str, Any]]:
+    """Every arch (TopK first, as the reference) on each variant; ``pass`` judged against TopK's dead."""
+    rows = []
+    archs = ["topk"] + [a for a in archs if a != "topk"]
+    for name in names:
+        variant = VARIANTS[name]
+        dataset, source = variant_source(variant, seed)
+        true_l0 = float(dataset.expected_active())
+        steps = max(1, int(variant.steps * steps_scale))
+        reference = None
+        for arch in archs:
+            row = run_one(arch, source, label=f"variant:{name} s{seed}", k=variant.k, true_l0=true_l0,
+                          tokens=steps * 512, batch=512, d_sae=variant.d_sae, expansion=1, lr=LEARNING_RATE,
+                          dead_tokens=DEAD_TOKENS, seed=seed, options=options if arch != "topk" else None,
+                          variant=label if arch != "topk" else "")
+            if reference is None:
+                reference = row["dead"]
+            l0_ok = 0.5 <= row["l0"] / row["target_l0"] <= 2.0
+            wide = variant.d_sae > dataset.n_features
+            row["pass"] = l0_ok and (row["dead"] < 0.1 or (wide and row["dead"] <= reference + 0.01))
+            rows.append(row)
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 class ScaledSource:
@@ -90,11 +178,22 @@ def main(argv: list[str] | None = None) -> int:
                         help='architecture options as JSON, e.g. \'{"rule": "bounded"}\' (every --arch gets them)')
     parser.add_argument("--label", default="", help="appended to each row's arch (which variant was run)")
     parser.add_argument("--out", help="markdown table (and .jsonl rows beside it)")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help=f"planted variants not tuned on ('all' or some of {sorted(VARIANTS)}); "
+                             "runs only these (TopK added as the reference)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from sae_kit.store import ActivationStore
 
     rows = []
+    if args.variants is not None:
+        names = list(VARIANTS) if not args.variants or "all" in args.variants else args.variants
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+        rows = run_variants(names, args.arch, seed=args.seed, steps_scale=args.steps_scale,
+                            options=args.options, label=args.label)
+        args.datasets, args.stores, args.scaled_store = [], [], None
     for name in args.datasets:
         settings, dataset = DATASETS[name], make_dataset(name, seed=args.seed)
         source = SyntheticSource(dataset)
