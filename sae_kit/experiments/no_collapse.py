@@ -56,6 +56,7 @@ VARIANTS: dict[str, Variant] = {
     "sharkey_d128": Variant("sharkey", dict(d=128, n_features=256, mean_active=8.0), d_sae=512, k=8, steps=700),
     "gba_2_12": Variant("gba_imbalanced", dict(d=64, n_features=256, active_counts=(2, 12)), d_sae=512, k=7, steps=1200),
     "signed_d32": Variant("signed", dict(d=32, n_features=64, mean_active=3.0), d_sae=128, k=3, steps=800),
+    "sharkey_d64": Variant("sharkey", dict(d=64, n_features=256, mean_active=5.0), d_sae=512, k=5, steps=700),
     "sharkey_x100": Variant("sharkey", dict(d=64, n_features=256, mean_active=5.0), d_sae=512, k=5, steps=700, scale=100.0),
     "sharkey_offset": Variant("sharkey", dict(d=64, n_features=256, mean_active=5.0), d_sae=512, k=5, steps=700, offset=10.0),
 }
