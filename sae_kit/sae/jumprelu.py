@@ -46,8 +46,18 @@ so it neither winds up nor needs λ's absolute scale. An integral controller tha
 (noanabeshima's SparsityLossController) overshot to L0 ≈ 1 and back to 5× N on planted data, because a
 positive λ cannot push θ down. Inference uses the same θ, so the held-out L0 is the training L0.
 
-Dead latents (``pre_act_coefficient`` > 0): λ_p·mean_b Σ_{i dead} ReLU(θ_i − h_i)/s pulls the
-pre-activations of dead latents up to their threshold (Anthropic's pre-activation loss).
+Dead latents. θ learns only from the entries within ε/2 of it, so a latent whose pre-activations all
+sit below its threshold gets no gradient on θ and stays dead: on the planted sets, steered to k, 0.11–0.79
+of the latents died (TopK with AuxK: 0–0.51). ``threshold_pull`` = c (default 1e-4) adds
+c·Σ_i θ_i·idle_i/s, idle_i the share of the batch latent i is silent on (no gradient through it). Under
+Adam a parameter whose only gradient is this one moves by about its lr each step, so a dead latent's θ
+falls steadily until the latent fires again; on a live latent the reconstruction's and the L0 term's
+STE gradients outweigh it, and the controller holds the mean L0 at its target. Measured (docs/method-
+fixes.md, "JumpReLU (session 9)"): dead 0–0.02 on every planted set at equal or lower FVU, real data
+unchanged. This is ours, not the paper's; ``threshold_pull = 0`` is the paper's losses exactly.
+``pre_act_coefficient`` > 0 adds λ_p·mean_b Σ_{i dead} ReLU(θ_i − h_i)/s, which pulls the
+pre-activations of dead latents up to their threshold instead (Anthropic's pre-activation loss); it
+revives fewer (gba 0.26 at 0.01) and costs reconstruction, because it moves the encoder, not θ.
 """
 from __future__ import annotations
 
@@ -77,6 +87,9 @@ class JumpReLUOptions:
     threshold_lr_scale: float = 100.0  # θ's lr = this × s × the weights' lr (10 was too slow to follow the encoder)
     tanh_scale: float = 4.0
     pre_act_coefficient: float = 0.0
+    # c: a loss c·Σ_i θ_i·idle_i/s pulls down the threshold of every latent in proportion to the share
+    # of the batch it is silent on (module doc, "Dead latents"); 0 = the paper's losses only.
+    threshold_pull: float = 1e-4
     ste_to_input: bool = False
 
 
@@ -136,7 +149,7 @@ class JumpReLUSAE(SAE):
         o = parse_options(cls.Options, cfg.options, f"architecture {cls.architecture!r}")
         for name in ("sparsity_coefficient", "target_coefficient", "target_integral_gain", "target_integral_limit",
                      "bandwidth", "init_threshold", "threshold_lr_scale",
-                     "tanh_scale", "pre_act_coefficient", "sparsity_warmup_steps", "target_l0"):
+                     "tanh_scale", "pre_act_coefficient", "threshold_pull", "sparsity_warmup_steps", "target_l0"):
             if getattr(o, name) is not None and getattr(o, name) < 0:
                 raise ConfigError(f"jumprelu option {name} must be >= 0, got {getattr(o, name)!r}")
         target = cfg.k if o.target_l0 is None else o.target_l0
@@ -258,6 +271,10 @@ class JumpReLUSAE(SAE):
                 h = out.gather_pre(dead.expand(codes.batch_size, -1).contiguous())
                 gap = (self.threshold[dead].to(h.dtype) - h).relu().sum(1).mean() / self.data_scale
                 losses["pre_act"] = o.pre_act_coefficient * gap
+        if o.threshold_pull:
+            with torch.no_grad():
+                idle = 1 - codes.fire_counts().to(self.threshold.dtype) / codes.batch_size
+            losses["threshold_pull"] = o.threshold_pull * (self.threshold * idle).sum() / self.data_scale
         with torch.no_grad():
             self.steps += 1
         return losses
