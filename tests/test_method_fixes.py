@@ -328,3 +328,18 @@ def test_jumprelu_default_steers_to_the_runs_k_and_fixed_lambda_stays_selectable
         l0s[label] = inference_stats(sae, sample(4096, 99))[0]
     assert 2 <= l0s["default"] <= 8, l0s
     assert l0s["fixed"] > 2 * l0s["default"], l0s  # the fixed λ lands elsewhere: the default is not a no-op
+
+
+def test_jumprelu_threshold_pull_revives_latents_the_papers_losses_leave_dead() -> None:
+    """Steered to k, JumpReLU's latents died one by one as their pre-activations sank below θ (θ learns
+    only near itself); ``threshold_pull`` (default) lowers idle latents' thresholds until they fire.
+    Planted signed set at d_in 32, 64 features, 128 latents, k 3 (the no-collapse 'signed_d32' variant)."""
+    from sae_kit.experiments.no_collapse import run_variants
+
+    rows = {}
+    for label, options in (("paper", {"threshold_pull": 0.0}), ("default", {})):
+        row = [r for r in run_variants(["signed_d32"], ["jumprelu"], seed=11, options=options) if r["arch"] == "jumprelu"][0]
+        rows[label] = row
+    assert rows["paper"]["dead"] >= 0.1, rows  # the failure is real at this size
+    assert rows["default"]["dead"] < 0.05 and 0.75 <= rows["default"]["l0"] / 3 <= 1.25, rows
+    assert rows["default"]["fvu"] <= rows["paper"]["fvu"] * 1.1, rows
