@@ -36,6 +36,8 @@ from sae_kit.sae import ARCHITECTURES
 from sae_kit.train.trainer import TrainConfig, Trainer
 
 REAL_K = 32
+# Every variant's table starts with this architecture on its defaults: the dead fraction to compare with.
+REFERENCE = "topk"
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def run_variants(names: list[str], archs: list[str], *, seed: int, steps_scale: 
                  options: dict[str, Any] | None = None, label: str = "") -> list[dict[str, Any]]:
     """Every arch (TopK first, as the reference) on each variant; ``pass`` judged against TopK's dead."""
     rows = []
-    archs = ["topk"] + [a for a in archs if a != "topk"]
+    archs = [REFERENCE] + [a for a in archs if a != REFERENCE]
     for name in names:
         variant = VARIANTS[name]
         dataset, source = variant_source(variant, seed)
@@ -107,8 +109,8 @@ def run_variants(names: list[str], archs: list[str], *, seed: int, steps_scale: 
         for arch in archs:
             row = run_one(arch, source, label=f"variant:{name} s{seed}", k=variant.k, true_l0=true_l0,
                           tokens=steps * 512, batch=512, d_sae=variant.d_sae, expansion=1, lr=LEARNING_RATE,
-                          dead_tokens=DEAD_TOKENS, seed=seed, options=options if arch != "topk" else None,
-                          variant=label if arch != "topk" else "")
+                          dead_tokens=DEAD_TOKENS, seed=seed, options=options if arch != REFERENCE else None,
+                          variant=label if arch != REFERENCE else "")
             if reference is None:
                 reference = row["dead"]
             l0_ok = 0.5 <= row["l0"] / row["target_l0"] <= 2.0

@@ -537,6 +537,12 @@ class SAE(nn.Module):
         self.load_state_dict(tensors)
 
 
+def steered_l0_target(target_l0: float | None, cfg: SAEConfig) -> float:
+    """The mean L0 a penalty-steered architecture (ReLU, JumpReLU) aims at: ``target_l0`` None is the
+    run's k as the TopK family reads it (at most every latent), 0 means no target (its fixed penalty)."""
+    return float(min(cfg.k, cfg.d_sae)) if target_l0 is None else float(target_l0)
+
+
 ARCHITECTURES: dict[str, type[SAE]] = {}
 
 

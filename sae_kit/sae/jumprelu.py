@@ -69,7 +69,7 @@ import torch.nn as nn
 
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig, parse_options
-from sae_kit.sae.base import SAE, TrainingOutput, register
+from sae_kit.sae.base import SAE, TrainingOutput, register, steered_l0_target
 
 
 @dataclass
@@ -178,7 +178,7 @@ class JumpReLUSAE(SAE):
     @property
     def l0_target(self) -> int:
         """The mean L0 the controller steers to (0: the fixed λ penalty instead)."""
-        return int(self.cfg.k if self.opts.target_l0 is None else self.opts.target_l0)
+        return int(steered_l0_target(self.opts.target_l0, self.cfg))
 
     def saelens_export(self, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
         """SAELens' jumprelu is the same rule, relu(u)·1[u > θ] with θ ≥ 0; θ (fp32 here) in the SAE's dtype."""

@@ -29,7 +29,7 @@ import torch
 
 from sae_kit.codes import SparseCodes
 from sae_kit.config import ConfigError, SAEConfig, parse_options
-from sae_kit.sae.base import SAE, TrainingOutput, register
+from sae_kit.sae.base import SAE, TrainingOutput, register, steered_l0_target
 
 
 @dataclass
@@ -68,9 +68,7 @@ class ReluSAE(SAE):
     @property
     def l0_target(self) -> float:
         """The mean L0 λ is steered to (0: fixed λ)."""
-        if self.opts.target_l0 is None:  # k as the TopK family reads it: at most every latent
-            return float(min(self.cfg.k, self.cfg.d_sae))
-        return float(self.opts.target_l0)
+        return steered_l0_target(self.opts.target_l0, self.cfg)
 
     @classmethod
     def sparsity_settings(cls, target_l0: int) -> dict:
