@@ -53,8 +53,8 @@ c·Σ_i θ_i·idle_i/s, idle_i the share of the batch latent i is silent on (no 
 Adam a parameter whose only gradient is this one moves by about its lr each step, so a dead latent's θ
 falls steadily until the latent fires again; on a live latent the reconstruction's and the L0 term's
 STE gradients outweigh it, and the controller holds the mean L0 at its target. Measured (docs/method-
-fixes.md, "JumpReLU (session 9)"): dead 0–0.02 on every planted set at equal or lower FVU, real data
-unchanged. This is ours, not the paper's; ``threshold_pull = 0`` is the paper's losses exactly.
+fixes.md, "JumpReLU (session 9)"): dead 0–0.04 on every planted set and variant, FVU lower on two sets
+and up to 8 % higher on GBA's, real data unchanged. This is ours, not the paper's; ``threshold_pull = 0`` is the paper's losses exactly.
 ``pre_act_coefficient`` > 0 adds λ_p·mean_b Σ_{i dead} ReLU(θ_i − h_i)/s, which pulls the
 pre-activations of dead latents up to their threshold instead (Anthropic's pre-activation loss); it
 revives fewer (gba 0.26 at 0.01) and costs reconstruction, because it moves the encoder, not θ.
