@@ -15,7 +15,7 @@ sets and the TopK k on real data.
 TopK as the reference in every table. Where the dictionary is wider than the planted feature count,
 a run also passes on dead latents when it leaves no more dead than TopK on the same variant.
 
-    python -m sae_kit.experiments.no_collapse --variants all --seed 5 --out /tmp/variants.md
+    python -m sae_kit.experiments.no_collapse --variants all --steps-scale 1.0 --seed 5 --out /tmp/variants.md
 """
 from __future__ import annotations
 
